@@ -1,0 +1,66 @@
+"""The manifest contract: Parquet schemas loaded from ``schema.toml`` beside this file.
+
+This folder is the package ``sysu30k.manifests`` (see pyproject.toml). ``schema(name)`` gives the
+pyarrow schema of a table; ``markdown()`` renders the documentation kept in ``README.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from importlib import resources
+
+import pyarrow as pa
+
+_SCALARS = {
+    "string": pa.string(), "bool": pa.bool_(), "int8": pa.int8(), "int16": pa.int16(),
+    "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(),
+}
+_LIST = re.compile(r"^list<(\w+)>$")
+
+
+def _arrow_type(spec: str) -> pa.DataType:
+    m = _LIST.match(spec)
+    return pa.list_(_SCALARS[m[1]]) if m else _SCALARS[spec]
+
+
+@functools.cache
+def contract() -> dict:
+    """The parsed contract: ``{"version": int, "tables": {name: {file, doc, columns}}}``."""
+    return tomllib.loads(resources.files(__name__).joinpath("schema.toml").read_text("utf-8"))
+
+
+@functools.cache
+def schema(table: str) -> pa.Schema:
+    """The pyarrow schema of manifest ``table`` (images, bags, shards, rejects)."""
+    spec = contract()["tables"][table]
+    fields = [pa.field(c["name"], _arrow_type(c["type"]), nullable=c["nullable"]) for c in spec["columns"]]
+    return pa.schema(fields, metadata={"sysu30k.table": table, "sysu30k.version": str(contract()["version"])})
+
+
+def relpath(table: str) -> str:
+    """Where ``table`` lives, relative to the dataset root DST."""
+    return contract()["tables"][table]["file"]
+
+
+def tables() -> list[str]:
+    """The manifest tables, in contract order."""
+    return list(contract()["tables"])
+
+
+def markdown() -> str:
+    """The contract as Markdown (the content of manifests/README.md)."""
+    out = ["# Manifest contract", "",
+           f"Generated from `schema.toml` (version {contract()['version']}) by `python -m sysu30k.manifests`; "
+           "do not edit by hand.", "",
+           "A dataset root DST written by `sysu30k shard` holds `shards/<subset>-NNNNNN.tar` (WebDataset, one "
+           "member `KEY.jpg` per sample), `shards/<subset>-NNNNNN.idx` (DALI index v1.2), the tables below, and "
+           "`manifests/summary.json`, written last: a DST without it is incomplete.", ""]
+    for name, spec in contract()["tables"].items():
+        out += [f"## {name} (`{spec['file']}`)", "", spec["doc"], "",
+                "| column | type | nullable | meaning |", "|---|---|---|---|"]
+        out += [f"| `{c['name']}` | {c['type']} | {'yes' if c['nullable'] else 'no'} | {c['doc']} |"
+                for c in spec["columns"]]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,118 @@
+"""Validate one source image and turn it into the JPEG bytes that get packed.
+
+A JPEG that is already upright RGB and needs no resizing is packed byte for byte; anything else
+(CMYK, greyscale, palette, PNG bytes under a .jpg name, an EXIF rotation, a resize) is decoded once and
+re-encoded as upright RGB JPEG. Bad input raises :class:`Rejected` with a short reason and the decoder's
+words; the caller records it in the rejects manifest and carries on.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+VERIFY_MODES = ("full", "header")
+_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}            # EXIF orientations that rotate by 90 degrees
+_JPEG_EOI = b"\xff\xd9"
+
+
+class Rejected(Exception):
+    """An input that cannot be packed: ``reason`` is a manifest reason code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The bytes to pack and the size of the image they hold."""
+
+    data: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are checked and transformed (the shard command's --verify/--resize/--quality/--max-pixels)."""
+
+    verify: str = "full"               # full: decode every image; header: parse headers, check the JPEG end marker
+    resize: int | None = None          # long side in pixels (never upscaled); None keeps the size
+    quality: int = 95                  # JPEG quality when an image has to be re-encoded
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def target_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:
+    """(w, h) scaled so the long side is ``long_side``; unchanged when it is already that small."""
+    if long_side is None or max(width, height) <= long_side:
+        return width, height
+    scale = long_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise Rejected("empty", "zero-byte file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not-an-image", "no image format recognised") from None
+    except Image.DecompressionBombError as exc:
+        raise Rejected("decompression-bomb", str(exc)) from None
+    except Exception as exc:  # a malformed header makes plugins raise anything from SyntaxError to struct.error
+        raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise Rejected("corrupt", f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise Rejected("decompression-bomb", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    return im
+
+
+def _load(im: Image.Image) -> None:
+    try:
+        im.load()
+    except Image.DecompressionBombError as exc:
+        raise Rejected("decompression-bomb", str(exc)) from None
+    except OSError as exc:
+        reason = "truncated" if "truncated" in str(exc) else "corrupt"
+        raise Rejected(reason, str(exc)) from None
+    except Exception as exc:
+        raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
+def prepare(data: bytes, opts: ImageOptions) -> Prepared:
+    """Validate ``data`` and return what to pack; raise :class:`Rejected` for bad input."""
+    im = _open(data, opts.max_pixels)
+    orientation = im.getexif().get(_ORIENTATION, 1) if im.format == "JPEG" else 1
+    w, h = im.size
+    shown = (h, w) if orientation in _SWAPS_AXES else (w, h)
+    target = target_size(*shown, opts.resize)
+    if im.format == "JPEG" and im.mode == "RGB" and orientation == 1 and target == shown:
+        if opts.verify == "full":
+            _load(im)
+        elif not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
+            raise Rejected("truncated", "JPEG end-of-image marker missing")
+        return Prepared(data, w, h)
+    if target != shown and im.format == "JPEG":
+        # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; draft keeps the size >= the request
+        im.draft("RGB", target if orientation not in _SWAPS_AXES else target[::-1])
+    _load(im)
+    try:
+        im = ImageOps.exif_transpose(im) if orientation != 1 else im
+        if im.mode != "RGB":
+            im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "LA") else im.convert("RGB")
+        if im.size != target:
+            im = im.resize(target, Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=opts.quality)
+    except Rejected:
+        raise
+    except Exception as exc:
+        raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+    return Prepared(out.getvalue(), *im.size)

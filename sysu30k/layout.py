@@ -1,0 +1,218 @@
+"""Read the released SYSU-30k tree: what is on disk, what it is, and how it differs from meta/*.txt.
+
+Disk is the truth (the official evaluator walks folders too); ``meta/<subset>.txt`` is read, intersected
+with the files found, and the differences reported: files listed but missing become rejects
+(``listed-missing``), files on disk but unlisted are packed and counted. Everything streams folder by
+folder in sorted order, so the 29.6 M training files never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from .constants import (DISTRACTOR_FOLDER, DISTRACTOR_PID, GALLERY_DIR, META_DIR, QUERY_DIR, SUBSETS,
+                        TEST_DIR, TRAIN_DIR)
+from .errors import UserError
+from .keys import make_key
+from .storage import Storage
+
+TEST_NAME = re.compile(r"^(?P<id>\d+|0000others)_c(?P<cam>\d+)_(?P<k>\d+)\.jpe?g$", re.IGNORECASE)
+_EXAMPLES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SourceImage:
+    """One input image found on disk, with what its location says about it."""
+
+    subset: str
+    path: str                    # relative to SRC
+    key: str
+    size: int
+    folder: int | None = None    # training folder id
+    pid: int | None = None       # test identity (DISTRACTOR_PID for distractors)
+    camid: int | None = None
+    distractor: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutReject:
+    """An input the layout itself rules out (bad name, bad folder, listed but missing)."""
+
+    subset: str
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class SubsetReport:
+    """How the files on disk compare with ``meta/<subset>.txt`` (listed is None without a meta file)."""
+
+    on_disk: int = 0
+    listed: int | None = None
+    listed_missing: int = 0
+    unlisted: int = 0
+    missing_examples: list[str] = field(default_factory=list)
+    unlisted_examples: list[str] = field(default_factory=list)
+
+
+def subset_root(subset: str) -> str:
+    """Folder of ``subset`` relative to SRC."""
+    return {"train": TRAIN_DIR, "query": f"{TEST_DIR}/{QUERY_DIR}", "gallery": f"{TEST_DIR}/{GALLERY_DIR}"}[subset]
+
+
+class MetaList:
+    """``meta/<subset>.txt`` held as sorted Arrow columns, handed out one folder at a time."""
+
+    def __init__(self, f) -> None:
+        table = pacsv.read_csv(
+            f, read_options=pacsv.ReadOptions(column_names=["p"]),
+            parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
+            convert_options=pacsv.ConvertOptions(column_types={"p": pa.string()}, strings_can_be_null=False))
+        paths = pc.replace_substring_regex(pc.utf8_trim_whitespace(table["p"]), r"^\./", "")
+        parts = pc.extract_regex(paths, r"^(?P<folder>[^/]*)/(?P<name>.+)$")
+        folder = pc.fill_null(pc.struct_field(parts, "folder"), "")
+        name = pc.if_else(pc.is_null(parts), paths, pc.struct_field(parts, "name"))
+        table = pa.table({"folder": folder, "name": name}).filter(pc.not_equal(name, ""))
+        table = table.sort_by([("folder", "ascending"), ("name", "ascending")])
+        self.count = table.num_rows
+        encoded = table["folder"].combine_chunks().dictionary_encode()
+        counts = np.bincount(encoded.indices.to_numpy(zero_copy_only=False), minlength=len(encoded.dictionary))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        self._ranges = {f: (int(starts[i]), int(starts[i + 1]))
+                        for i, f in enumerate(encoded.dictionary.to_pylist())}
+        self._names = table["name"].combine_chunks()
+
+    def take(self, folder: str) -> list[str]:
+        """The names listed under ``folder`` (each folder can be taken once)."""
+        start, end = self._ranges.pop(folder, (0, 0))
+        return self._names.slice(start, end - start).to_pylist()
+
+    def rest(self) -> Iterator[tuple[str, list[str]]]:
+        """Folders listed but never taken, with their names."""
+        for folder in sorted(self._ranges):
+            yield folder, self.take(folder)
+
+
+def _read_meta(src: Storage, subset: str) -> MetaList | None:
+    rel = f"{META_DIR}/{subset}.txt"
+    if not src.exists(rel):
+        return None
+    with src.open(rel) as f:
+        return MetaList(f)
+
+
+def present_subsets(src: Storage, subsets: tuple[str, ...] = SUBSETS) -> tuple[str, ...]:
+    """The subsets of ``subsets`` whose folders exist under SRC; a UserError when there are none."""
+    if not src.isdir(""):
+        raise UserError(f"source {src.url} is not a folder")
+    found = tuple(s for s in subsets if src.isdir(subset_root(s)))
+    if not found:
+        roots = ", ".join(f"{subset_root(s)}/" for s in subsets)
+        raise UserError(f"{src.url} holds none of {roots}: is it the extracted SYSU-30k root?")
+    return found
+
+
+def _classify_test(subset: str, folder: str, name: str) -> tuple[int, int, bool] | str:
+    """(pid, camid, distractor) from a test file name, or the reason it is not a valid test name."""
+    m = TEST_NAME.match(name)
+    if not m:
+        return "name is not <id>_c<cam>_<k>.jpg"
+    ident, cam = m["id"], int(m["cam"])
+    if ident == DISTRACTOR_FOLDER:
+        if subset != "gallery" or folder != DISTRACTOR_FOLDER:
+            return f"distractors belong in gallery/{DISTRACTOR_FOLDER}/"
+        return DISTRACTOR_PID, cam, True
+    if folder != ident:
+        return f"identity {ident} in folder {folder}"
+    return int(ident), cam, False
+
+
+def _walk_folder(src: Storage, subset: str, root: str, folder: str, meta: MetaList | None,
+                 report: SubsetReport) -> Iterator[SourceImage | LayoutReject]:
+    base = f"{root}/{folder}"
+    entries = src.listdir(base)
+    files = [e for e in entries if not e.is_dir]
+    for sub in (e for e in entries if e.is_dir):
+        for path in sorted(src.fs.find(src.path(f"{base}/{sub.name}"))):
+            rel = posixpath.relpath(path, src.root)
+            yield LayoutReject(subset, rel, "bad-folder", "nested folder: images sit directly in their folder")
+    report.on_disk += len(files)
+    if meta is not None:
+        listed = set(meta.take(folder))
+        on_disk = {e.name for e in files}
+        for name in sorted(listed - on_disk):
+            _record(report, "missing", f"{base}/{name}")
+            yield LayoutReject(subset, f"{base}/{name}", "listed-missing",
+                               f"listed in {META_DIR}/{subset}.txt but not on disk")
+        for name in sorted(on_disk - listed):
+            _record(report, "unlisted", f"{base}/{name}")
+    train_folder = int(folder) if subset == "train" and folder.isascii() and folder.isdigit() else None
+    keys: set[str] = set()
+    for e in files:
+        path = f"{base}/{e.name}"
+        if subset == "train":
+            if train_folder is None:
+                yield LayoutReject(subset, path, "bad-folder", f"training folder {folder!r} is not a number")
+                continue
+            item = SourceImage(subset, path, make_key((folder, posixpath.splitext(e.name)[0]), path), e.size,
+                               folder=train_folder)
+        else:
+            parsed = _classify_test(subset, folder, e.name)
+            if isinstance(parsed, str):
+                yield LayoutReject(subset, path, "bad-name", parsed)
+                continue
+            pid, camid, distractor = parsed
+            item = SourceImage(subset, path, make_key((posixpath.splitext(e.name)[0],), path), e.size,
+                               pid=pid, camid=camid, distractor=distractor)
+        if item.key in keys:
+            yield LayoutReject(subset, path, "bad-key", f"key {item.key} already taken in {folder}")
+            continue
+        keys.add(item.key)
+        yield item
+
+
+def _record(report: SubsetReport, kind: str, path: str) -> None:
+    if kind == "missing":
+        report.listed_missing += 1
+        examples = report.missing_examples
+    else:
+        report.unlisted += 1
+        examples = report.unlisted_examples
+    if len(examples) < _EXAMPLES:
+        examples.append(path)
+
+
+def walk_subset(src: Storage, subset: str, report: SubsetReport) -> Iterator[SourceImage | LayoutReject]:
+    """Every input of ``subset`` in packing order (folders, then files, sorted by name)."""
+    root = subset_root(subset)
+    meta = _read_meta(src, subset)
+    report.listed = meta.count if meta is not None else None
+    for entry in src.listdir(root):
+        if entry.is_dir:
+            yield from _walk_folder(src, subset, root, entry.name, meta, report)
+        else:
+            report.on_disk += 1
+            yield LayoutReject(subset, f"{root}/{entry.name}", "bad-folder", "file outside an identity folder")
+    if meta is not None:
+        for folder, names in meta.rest():
+            for name in names:
+                _record(report, "missing", f"{root}/{folder}/{name}")
+                yield LayoutReject(subset, f"{root}/{folder}/{name}", "listed-missing",
+                                   f"listed in {META_DIR}/{subset}.txt but not on disk")
+
+
+def train_folders(src: Storage) -> list[str]:
+    """Numeric training folder names, sorted by id (the order bags are built in)."""
+    if not src.isdir(TRAIN_DIR):
+        return []
+    names = [e.name for e in src.listdir(TRAIN_DIR) if e.is_dir and e.name.isascii() and e.name.isdigit()]
+    return sorted(names, key=int)

@@ -1,0 +1,105 @@
+"""Pack one planned shard: read its sources, validate and convert each image, write the tar.
+
+Publishing order makes a crash harmless: the tar, its DALI index and the shard's manifest parts are
+each written under a temporary name and renamed into place, and only then is the completion marker
+``_parts/<shard>.done.json`` written. A shard without a marker (or whose tar size disagrees with it)
+is packed again from scratch, with the same bytes as result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import manifests
+from .imageproc import ImageOptions, Rejected, prepare
+from .plan import read_shard_rows, shard_name
+from .storage import Storage
+from .tarpack import ShardWriter
+
+SHARD_DIR = "shards"
+PARTS_DIR = "_parts"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything a worker needs to pack one shard; small and picklable (no image bytes)."""
+
+    src_url: str
+    dst_url: str
+    subset: str
+    index: int
+    image: ImageOptions
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """What a packed shard reports back: small, written as its completion marker."""
+
+    shard: str
+    subset: str
+    count: int
+    rejects: int
+    bytes: int
+    sha256: str
+
+
+def marker_path(shard: str) -> str:
+    return f"{PARTS_DIR}/{shard}.done.json"
+
+
+def is_complete(dst: Storage, shard: str) -> ShardStats | None:
+    """The stats of ``shard`` when it was fully published and its tar has the recorded size."""
+    if not dst.exists(marker_path(shard)):
+        return None
+    stats = ShardStats(**json.loads(dst.read_text(marker_path(shard))))
+    tar = f"{SHARD_DIR}/{shard}.tar"
+    if not dst.exists(tar) or dst.size(tar) != stats.bytes:
+        return None
+    return stats
+
+
+def _write_parquet(dst: Storage, rel: str, rows: list[dict], table: str) -> None:
+    with dst.open_atomic(rel) as f:
+        pq.write_table(pa.Table.from_pylist(rows, schema=manifests.schema(table)), f, compression="zstd")
+
+
+def pack_shard(task: ShardTask) -> ShardStats:
+    """Pack shard ``task.index`` of ``task.subset``; returns its stats once it is published."""
+
+    src, dst = Storage(task.src_url), Storage(task.dst_url)
+    name = shard_name(task.subset, task.index)
+    plan = read_shard_rows(dst, task.subset, task.index).to_pylist()
+    images: list[dict] = []
+    rejects: list[dict] = []
+    with dst.open_atomic(f"{SHARD_DIR}/{name}.tar") as f:
+        writer = ShardWriter(f)
+        for row in plan:
+            try:
+                try:
+                    data = src.read(row["path"])
+                except OSError as exc:
+                    raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
+                out = prepare(data, task.image)
+            except Rejected as rej:
+                rejects.append({"path": row["path"], "subset": task.subset, "reason": rej.reason,
+                                "detail": rej.detail})
+                continue
+            offset = writer.add(row["key"], out.data)
+            images.append({
+                "key": row["key"], "subset": task.subset, "path": row["path"], "folder": row["folder"],
+                "pid": row["pid"], "camid": row["camid"], "distractor": row["distractor"], "shard": name,
+                "offset": offset, "size": len(out.data), "width": out.width, "height": out.height,
+                "sha256": hashlib.sha256(out.data).hexdigest(),
+            })
+        size, digest = writer.close()
+    dst.write_atomic(f"{SHARD_DIR}/{name}.idx", writer.dali_index().encode())
+    _write_parquet(dst, f"{PARTS_DIR}/{name}.images.parquet", images, "images")
+    _write_parquet(dst, f"{PARTS_DIR}/{name}.rejects.parquet", rejects, "rejects")
+    stats = ShardStats(name, task.subset, len(images), len(rejects), size, digest)
+    dst.write_atomic(marker_path(name), json.dumps(asdict(stats)).encode())
+    return stats
