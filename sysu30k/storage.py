@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Iterator
 
 import fsspec
+import fsspec.implementations.local
 
 TMP_MARK = ".tmp-"
 
@@ -35,6 +36,7 @@ class Storage:
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = root.rstrip("/") or "/"
         self.url = self.fs.unstrip_protocol(self.root)   # canonical: absolute, with its protocol
+        self._local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
 
     def path(self, rel: str = "") -> str:
         """The filesystem path of ``rel`` under the root."""
@@ -51,6 +53,9 @@ class Storage:
 
     def read(self, rel: str) -> bytes:
         """The whole content of ``rel``."""
+        if self._local:                      # the hot path of packing: skip fsspec's file wrapper
+            with open(self.path(rel), "rb") as f:
+                return f.read()
         return self.fs.cat_file(self.path(rel))
 
     def read_text(self, rel: str) -> str:

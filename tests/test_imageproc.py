@@ -100,3 +100,20 @@ def test_header_mode_skips_decoding_but_full_mode_decodes():
         prepare(data, FULL)
     assert info.value.reason == "corrupt"
     assert prepare(data, HEADER).data == data
+
+
+def test_marker_scan_takes_only_plain_rgb_jpegs():
+    from sysu30k.imageproc import plain_jpeg_size
+
+    assert plain_jpeg_size(f.rgb_jpeg(48, 96)) == (48, 96)
+    progressive = f.encode(f.pattern(40, 80), quality=90, progressive=True)
+    assert plain_jpeg_size(progressive) == (40, 80)
+    assert prepare(progressive, FULL).data == progressive
+    for other in (f.cmyk_jpeg(), f.grey_jpeg(), f.png_bytes(), f.exif_rotated_jpeg(1), b"", b"\xff\xd8",
+                  f.rgb_jpeg()[:30]):
+        assert plain_jpeg_size(other) is None
+
+
+def test_exif_orientation_1_is_still_packed_unchanged():
+    data = f.exif_rotated_jpeg(1)
+    assert prepare(data, FULL).data == data
