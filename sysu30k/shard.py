@@ -6,10 +6,12 @@ shard per task and return only small stats, and the manifests are published once
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 from .constants import SUBSETS
 from .errors import UserError
@@ -53,31 +55,37 @@ class ShardJob:
             raise UserError(f"--subsets takes a comma-separated choice of {', '.join(SUBSETS)}")
 
 
-def _pool_init() -> None:
-    tune_malloc()
-
-
-def _run_tasks(tasks: list[ShardTask], workers: int, bar) -> list[ShardStats]:
+@contextlib.contextmanager
+def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Worker processes, started at once so their imports overlap with planning; None for in-process."""
     if workers <= 1:
         tune_malloc()
-        done = []
+        yield None
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tune_malloc) as pool:
+        for _ in range(workers):
+            pool.submit(tune_malloc)
+        yield pool
+
+
+def _run_tasks(pool: ProcessPoolExecutor | None, tasks: list[ShardTask], bar) -> list[ShardStats]:
+    done: list[ShardStats] = []
+    if pool is None:
         for task in tasks:
             done.append(pack_shard(task))
             bar.update(done[-1].count + done[-1].rejects)
         return done
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init) as pool:
-        futures = [pool.submit(pack_shard, t) for t in tasks]
-        done = []
-        try:
-            for fut in as_completed(futures):
-                done.append(fut.result())
-                bar.update(done[-1].count + done[-1].rejects)
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-        return done
+    futures = [pool.submit(pack_shard, t) for t in tasks]
+    try:
+        for fut in as_completed(futures):
+            done.append(fut.result())
+            bar.update(done[-1].count + done[-1].rejects)
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+    return done
 
 
 def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: int = 1,
@@ -94,25 +102,27 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
     if plan is not None and (plan["settings"] != settings or plan["source"] != src.url):
         raise UserError(f"{dst_url} holds a run of other settings or source ({plan['source']}); "
                         "pass --overwrite to start over")
-    if plan is None:
-        if dst.exists(SHARD_DIR):
-            raise UserError(f"{dst_url} holds shards but no plan; pass --overwrite to start over")
-        with progress(None, "planning", "file", show_progress) as bar:
-            plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update())
+    if plan is None and dst.exists(SHARD_DIR):
+        raise UserError(f"{dst_url} holds shards but no plan; pass --overwrite to start over")
     summary = load_summary(dst)
     if summary is not None:
         log.info("%s is complete already (%s); nothing to do", dst_url, SUMMARY)
         return summary
-    for d in OUTPUT_DIRS:
-        dst.remove_temporaries(d)
-    shards = planned_shards(plan)
-    finished = {name: s for _, _, name in shards if (s := is_complete(dst, name)) is not None}
-    todo = [ShardTask(src.url, dst.url, subset, i, job.image) for subset, i, name in shards if name not in finished]
-    if finished:
-        log.info("resuming: %d of %d shards complete", len(finished), len(shards))
-    total = sum(info["images"] for info in plan["subsets"].values())
-    with progress(total, "packing", "img", show_progress) as bar:
-        bar.update(sum(s.count + s.rejects for s in finished.values()))
-        for stats in _run_tasks(todo, workers, bar):
-            finished[stats.shard] = stats
+    with _executor(workers) as pool:
+        if plan is None:
+            with progress(None, "planning", "file", show_progress) as bar:
+                plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update())
+        for d in OUTPUT_DIRS:
+            dst.remove_temporaries(d)
+        shards = planned_shards(plan)
+        finished = {name: s for _, _, name in shards if (s := is_complete(dst, name)) is not None}
+        todo = [ShardTask(src.url, dst.url, subset, i, job.image) for subset, i, name in shards
+                if name not in finished]
+        if finished:
+            log.info("resuming: %d of %d shards complete", len(finished), len(shards))
+        total = sum(info["images"] for info in plan["subsets"].values())
+        with progress(total, "packing", "img", show_progress) as bar:
+            bar.update(sum(s.count + s.rejects for s in finished.values()))
+            for stats in _run_tasks(pool, todo, bar):
+                finished[stats.shard] = stats
     return publish(dst, plan, [finished[name] for _, _, name in shards])
