@@ -22,3 +22,6 @@ BAG_WINDOWS = (1, 3, 5)                    # bags: 1, 3 and 5 consecutive folder
 
 KEY_MAX_LEN = 64                           # tar member KEY.jpg: dot-free ASCII, at most this long
 IMAGE_EXT = "jpg"
+
+OFFICIAL_QUERIES = 1_000                   # the released test protocol (SYSU30K.md §2)
+OFFICIAL_GALLERY = 479_730                 # 1,000 true matches + 478,730 distractors
