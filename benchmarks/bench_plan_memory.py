@@ -109,7 +109,7 @@ class SynthListFS(AbstractFileSystem):
             out = [self._d(f"{base}/{i:010d}") for i in range(1, s["folders"] + 1)]
         elif parts[0] == "sysu_train_set_all" and n == 2:
             fid = self._folder_id(parts[1], s["folders"], 10)
-            out = [{"name": f"{base}/{k:06d}.jpg", "type": "file", "size": self._size(fid, k)}
+            out = [{"name": f"{base}/{parts[1]}_{k:06d}.jpg", "type": "file", "size": self._size(fid, k)}
                    for k in range(1, self._train_count(fid) + 1)]
         elif parts == ["sysu_test_set_all"]:
             out = [self._d(f"{base}/query"), self._d(f"{base}/gallery")]
@@ -164,7 +164,7 @@ def write_meta(path: Path, shape: dict) -> None:
     tmp = path.with_suffix(".part")
     with open(tmp, "w", buffering=2**22) as f:
         for fid in range(1, shape["folders"] + 1):
-            f.write("".join(f"{fid:010d}/{k:06d}.jpg\n" for k in range(1, fs._train_count(fid) + 1)))
+            f.write("".join(f"{fid:010d}/{fid:010d}_{k:06d}.jpg\n" for k in range(1, fs._train_count(fid) + 1)))
     tmp.rename(path)
 
 

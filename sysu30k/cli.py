@@ -91,22 +91,34 @@ def synth(out: str, folders: int, images_per_folder: int, test_ids: int, distrac
 @click.option("--subsets", default=",".join(SUBSETS), show_default=True, callback=_subsets,
               help="Which subsets to pack.")
 @click.option("--workers", default=1, show_default=True, help="Local worker processes (one shard per task).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help="Pack on this existing Dask cluster (one task per shard) instead of local processes.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the filesystem of a remote SRC/DST (repeatable; JSON values allowed). "
+                   "S3 endpoint, region and keys come from the standard AWS variables and config.")
+@click.option("--retries", default=5, show_default=True, help="Retries of a transient storage fault (backoff).")
 @click.option("--overwrite", is_flag=True, help="Delete previous output in DST and start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def shard(src: str, dst: str, shard_size: int, shard_count: int, resize: int | None, quality: int, verify: str,
-          max_pixels: int, subsets: tuple[str, ...], workers: int, overwrite: bool, as_json: bool) -> None:
+          max_pixels: int, subsets: tuple[str, ...], workers: int, scheduler: str | None,
+          storage_options: tuple[str, ...], retries: int, overwrite: bool, as_json: bool) -> None:
     """Pack the SYSU-30k tree SRC into WebDataset shards and Parquet manifests under DST.
 
-    Resumable: rerun the same command after an interruption and it continues from the completed
-    shards, ending byte-identical to an uninterrupted run.
+    SRC and DST are local paths or URLs such as s3://bucket/prefix. Resumable: rerun the same command
+    after an interruption and it continues from the completed shards, ending byte-identical to an
+    uninterrupted run.
     """
     from .imageproc import ImageOptions
     from .plan import ShardingOptions
+    from .retry import RetryPolicy
     from .shard import ShardJob, run_shard
+    from .storage import parse_options
 
     job = ShardJob(ShardingOptions(shard_size, shard_count), ImageOptions(verify, resize, quality, max_pixels),
                    subsets)
-    summary = run_shard(src, dst, job, workers=workers, overwrite=overwrite)
+    summary = run_shard(src, dst, job, workers=workers, overwrite=overwrite,
+                        storage_options=parse_options(storage_options), scheduler=scheduler,
+                        retry=RetryPolicy(attempts=max(1, retries + 1)))
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return

@@ -22,7 +22,7 @@ from .constants import (DISTRACTOR_FOLDER, DISTRACTOR_PID, GALLERY_DIR, META_DIR
                         TEST_DIR, TRAIN_DIR)
 from .errors import UserError
 from .keys import make_key
-from .storage import Storage
+from .storage import Entry, Storage
 
 TEST_NAME = re.compile(r"^(?P<id>\d+|0000others)_c(?P<cam>\d+)_(?P<k>\d+)\.jpe?g$", re.IGNORECASE)
 _EXAMPLES = 5
@@ -136,14 +136,12 @@ def _classify_test(subset: str, folder: str, name: str) -> tuple[int, int, bool]
     return int(ident), cam, False
 
 
-def _walk_folder(src: Storage, subset: str, root: str, folder: str, meta: MetaList | None,
+def _walk_folder(src: Storage, subset: str, root: str, folder: str, entries: list[Entry], meta: MetaList | None,
                  report: SubsetReport) -> Iterator[SourceImage | LayoutReject]:
     base = f"{root}/{folder}"
-    entries = src.listdir(base)
     files = [e for e in entries if not e.is_dir]
     for sub in (e for e in entries if e.is_dir):
-        for path in sorted(src.fs.find(src.path(f"{base}/{sub.name}"))):
-            rel = posixpath.relpath(path, src.root)
+        for rel in src.find(f"{base}/{sub.name}"):
             yield LayoutReject(subset, rel, "bad-folder", "nested folder: images sit directly in their folder")
     report.on_disk += len(files)
     if meta is not None:
@@ -196,9 +194,11 @@ def walk_subset(src: Storage, subset: str, report: SubsetReport) -> Iterator[Sou
     root = subset_root(subset)
     meta = _read_meta(src, subset)
     report.listed = meta.count if meta is not None else None
-    for entry in src.listdir(root):
+    entries = src.listdir(root)
+    listings = src.listdir_many(f"{root}/{e.name}" for e in entries if e.is_dir)
+    for entry in entries:
         if entry.is_dir:
-            yield from _walk_folder(src, subset, root, entry.name, meta, report)
+            yield from _walk_folder(src, subset, root, entry.name, next(listings), meta, report)
         else:
             report.on_disk += 1
             yield LayoutReject(subset, f"{root}/{entry.name}", "bad-folder", "file outside an identity folder")

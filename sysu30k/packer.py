@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,11 +20,16 @@ import pyarrow.parquet as pq
 from . import manifests
 from .imageproc import ImageOptions, Rejected, prepare
 from .plan import read_shard_rows, shard_name
+from .retry import RetryPolicy
 from .storage import Storage
 from .tarpack import ShardWriter
+from .tuning import tune_malloc
 
 SHARD_DIR = "shards"
 PARTS_DIR = "_parts"
+
+
+READ_CHUNK = 128                     # source objects fetched per batch (concurrently on object stores)
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class ShardTask:
     subset: str
     index: int
     image: ImageOptions
+    src_options: dict = field(default_factory=dict)
+    dst_options: dict = field(default_factory=dict)
+    retry: RetryPolicy = RetryPolicy()
 
 
 @dataclass(frozen=True)
@@ -68,22 +78,41 @@ def _write_parquet(dst: Storage, rel: str, rows: list[dict], table: str) -> None
         pq.write_table(pa.Table.from_pylist(rows, schema=manifests.schema(table)), f, compression="zstd")
 
 
-def pack_shard(task: ShardTask) -> ShardStats:
-    """Pack shard ``task.index`` of ``task.subset``; returns its stats once it is published."""
+def warm_up() -> None:
+    """A no-op task whose only effect is a worker that has imported the packer and tuned malloc."""
+    tune_malloc()
 
-    src, dst = Storage(task.src_url), Storage(task.dst_url)
+
+def _with_sources(src: Storage, rows: list[dict]) -> Iterator[tuple[dict, bytes | Exception]]:
+    """Each planned row with its source bytes, read in batches one batch ahead of the caller."""
+    chunks = [rows[i:i + READ_CHUNK] for i in range(0, len(rows), READ_CHUNK)]
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(src.read_many, [r["path"] for r in chunks[0]]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            data = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = reader.submit(src.read_many, [r["path"] for r in chunks[i + 1]])
+            yield from zip(chunk, data)
+
+
+def pack_shard(task: ShardTask) -> ShardStats:
+    """Pack shard ``task.index`` of ``task.subset``; returns its stats once it is published.
+
+    Idempotent: running it twice, or concurrently (a retried or duplicated task), publishes the same bytes.
+    """
+    tune_malloc()
+    src = Storage(task.src_url, task.src_options, task.retry)
+    dst = Storage(task.dst_url, task.dst_options, task.retry)
     name = shard_name(task.subset, task.index)
     plan = read_shard_rows(dst, task.subset, task.index).to_pylist()
     images: list[dict] = []
     rejects: list[dict] = []
     with dst.open_atomic(f"{SHARD_DIR}/{name}.tar") as f:
         writer = ShardWriter(f)
-        for row in plan:
+        for row, data in _with_sources(src, plan):
             try:
-                try:
-                    data = src.read(row["path"])
-                except OSError as exc:
-                    raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
+                if isinstance(data, Exception):
+                    raise Rejected("unreadable", f"{type(data).__name__}: {data}")
                 out = prepare(data, task.image)
             except Rejected as rej:
                 rejects.append({"path": row["path"], "subset": task.subset, "reason": rej.reason,

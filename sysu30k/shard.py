@@ -9,20 +9,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
+
+import fsspec
 
 from .constants import SUBSETS
 from .errors import UserError
 from .imageproc import VERIFY_MODES, ImageOptions
 from .layout import present_subsets
-from .packer import PARTS_DIR, SHARD_DIR, ShardStats, ShardTask, is_complete, pack_shard
-from .plan import PLAN_DIR, ShardingOptions, load_plan, make_plan
+from .packer import PARTS_DIR, SHARD_DIR, ShardStats, ShardTask, is_complete, pack_shard, warm_up
+from .plan import PLAN_DIR, ShardingOptions, load_plan, make_plan, shard_name
+from .retry import RetryPolicy
 from .progress import progress
 from .publish import SUMMARY, load_summary, planned_shards, publish
 from .storage import Storage
-from .tuning import tune_malloc
 
 log = logging.getLogger("sysu30k")
 OUTPUT_DIRS = (SHARD_DIR, PARTS_DIR, PLAN_DIR, "manifests")
@@ -55,44 +58,69 @@ class ShardJob:
             raise UserError(f"--subsets takes a comma-separated choice of {', '.join(SUBSETS)}")
 
 
+Runner = Callable[[list[ShardTask]], Iterator[ShardStats]]
+
+
 @contextlib.contextmanager
-def _executor(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """Worker processes, started at once so their imports overlap with planning; None for in-process."""
+def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
+    """Where shard tasks run: an existing Dask cluster, local worker processes, or this process.
+
+    Workers start at once, so their imports overlap with planning. Tasks carry no image bytes and
+    return only their small stats; a task that runs twice publishes the same bytes twice.
+    """
+    if scheduler:
+        from distributed import Client
+        from distributed import as_completed as dask_completed
+
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            def on_dask(tasks: list[ShardTask]) -> Iterator[ShardStats]:
+                run = uuid.uuid4().hex[:8]
+                keys = [f"sysu30k-pack-{shard_name(t.subset, t.index)}-{run}" for t in tasks]
+                for future in dask_completed(client.map(pack_shard, tasks, key=keys, retries=2)):
+                    yield future.result()
+            yield on_dask
+        return
     if workers <= 1:
-        tune_malloc()
-        yield None
+        yield lambda tasks: map(pack_shard, tasks)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tune_malloc) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for _ in range(workers):
-            pool.submit(tune_malloc)
-        yield pool
+            pool.submit(warm_up)
+
+        def on_pool(tasks: list[ShardTask]) -> Iterator[ShardStats]:
+            futures = [pool.submit(pack_shard, t) for t in tasks]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+        yield on_pool
 
 
-def _run_tasks(pool: ProcessPoolExecutor | None, tasks: list[ShardTask], bar) -> list[ShardStats]:
-    done: list[ShardStats] = []
-    if pool is None:
-        for task in tasks:
-            done.append(pack_shard(task))
-            bar.update(done[-1].count + done[-1].rejects)
-        return done
-    futures = [pool.submit(pack_shard, t) for t in tasks]
-    try:
-        for fut in as_completed(futures):
-            done.append(fut.result())
-            bar.update(done[-1].count + done[-1].rejects)
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        raise
-    return done
+def _options_for(url: str, options: dict) -> dict:
+    """Storage options apply to remote URLs only (a local path takes none)."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    return {} if protocol in (None, "file", "local") else options
 
 
 def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: int = 1,
-              overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Pack SRC into shards and manifests under DST; resumes a previous run. Returns the summary."""
+              overwrite: bool = False, show_progress: bool = True, storage_options: dict | None = None,
+              scheduler: str | None = None, retry: RetryPolicy = RetryPolicy()) -> dict:
+    """Pack SRC into shards and manifests under DST; resumes a previous run. Returns the summary.
+
+    SRC and DST are local paths or fsspec URLs; ``storage_options`` go to the remote ones. Shards are
+    packed by ``workers`` local processes, or by the Dask cluster at ``scheduler`` when given.
+    """
     job.check()
-    src, dst = Storage(src_url), Storage(dst_url)
+    src_options = _options_for(src_url, storage_options or {})
+    dst_options = _options_for(dst_url, storage_options or {})
+    src, dst = Storage(src_url, src_options, retry), Storage(dst_url, dst_options, retry)
     if overwrite:
         for d in OUTPUT_DIRS:
             dst.remove(d)
@@ -108,7 +136,7 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
     if summary is not None:
         log.info("%s is complete already (%s); nothing to do", dst_url, SUMMARY)
         return summary
-    with _executor(workers) as pool:
+    with _runner(workers, scheduler) as run:
         if plan is None:
             with progress(None, "planning", "file", show_progress) as bar:
                 plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update())
@@ -116,13 +144,14 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
             dst.remove_temporaries(d)
         shards = planned_shards(plan)
         finished = {name: s for _, _, name in shards if (s := is_complete(dst, name)) is not None}
-        todo = [ShardTask(src.url, dst.url, subset, i, job.image) for subset, i, name in shards
-                if name not in finished]
+        todo = [ShardTask(src.url, dst.url, subset, i, job.image, src_options, dst_options, retry)
+                for subset, i, name in shards if name not in finished]
         if finished:
             log.info("resuming: %d of %d shards complete", len(finished), len(shards))
         total = sum(info["images"] for info in plan["subsets"].values())
         with progress(total, "packing", "img", show_progress) as bar:
             bar.update(sum(s.count + s.rejects for s in finished.values()))
-            for stats in _run_tasks(pool, todo, bar):
+            for stats in run(todo):
+                bar.update(stats.count + stats.rejects)
                 finished[stats.shard] = stats
     return publish(dst, plan, [finished[name] for _, _, name in shards])

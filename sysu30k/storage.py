@@ -1,23 +1,42 @@
 """One small storage layer over fsspec: every read and write of the pipeline goes through it.
 
-Paths are '/'-separated and relative to a root URL (a local path today; any fsspec URL such as
-``s3://bucket/prefix`` works the same). Writes are atomic: data goes to a hidden temporary name in
-the destination folder and is renamed into place, so a reader never sees a half-written file.
+Paths are '/'-separated and relative to a root URL: a local path or any fsspec URL (``s3://bucket/prefix``,
+``gs://…``, ``memory://…``). S3 endpoint, region and credentials come from the standard AWS environment
+variables and config files; ``options`` passes anything else to the filesystem.
+
+Writes are atomic. Locally a file is written under a hidden temporary name and renamed into place; on an
+object store it is spooled to a local temporary file and uploaded in one PUT (multipart for large files),
+which the store makes visible only once complete. Remote operations are retried on transient faults
+(:mod:`sysu30k.retry`); a permanent fault raises :class:`StorageError`, a one-line user error naming the URL.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import posixpath
+import tempfile
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import fsspec.implementations.local
 
+from .errors import UserError
+from .retry import RetryPolicy, is_transient, retry
+
 TMP_MARK = ".tmp-"
+SPOOL_ENV = "SYSU30K_SPOOL"          # where uploads are staged (default: the system temp folder)
+LISTING_THREADS = 8                  # concurrent folder listings on an object store
+T = TypeVar("T")
+
+
+class StorageError(UserError):
+    """A storage fault that retrying will not fix (bad credentials, missing bucket, ...)."""
 
 
 @dataclass(frozen=True)
@@ -32,71 +51,135 @@ class Entry:
 class Storage:
     """A root URL and the fsspec filesystem that serves it."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    def __init__(self, url: str, options: dict | None = None, policy: RetryPolicy = RetryPolicy()):
+        self.options = dict(options or {})
+        self.policy = policy
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **self.options)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise StorageError(f"cannot open {url}: {exc}") from None
         self.root = root.rstrip("/") or "/"
         self.url = self.fs.unstrip_protocol(self.root)   # canonical: absolute, with its protocol
-        self._local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
 
     def path(self, rel: str = "") -> str:
         """The filesystem path of ``rel`` under the root."""
         return posixpath.join(self.root, rel) if rel else self.root
 
+    def _call(self, what: str, rel: str, fn: Callable[[], T]) -> T:
+        """Run a filesystem call with retries; permanent failures become a StorageError naming the URL."""
+        try:
+            return retry(fn, f"{what} {self.fs.unstrip_protocol(self.path(rel))}", self.policy)
+        except Exception as exc:
+            if isinstance(exc, (FileNotFoundError, StorageError)) or is_transient(exc):
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StorageError(f"cannot {what} {self.fs.unstrip_protocol(self.path(rel))}: {reason}") from None
+
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self._call("check", rel, lambda: self.fs.exists(self.path(rel)))
 
     def isdir(self, rel: str) -> bool:
-        return self.fs.isdir(self.path(rel))
+        return self._call("check", rel, lambda: self.fs.isdir(self.path(rel)))
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        return int(self._call("stat", rel, lambda: self.fs.size(self.path(rel))))
 
     def read(self, rel: str) -> bytes:
         """The whole content of ``rel``."""
-        if self._local:                      # the hot path of packing: skip fsspec's file wrapper
+        if self.local:                       # the hot path of packing: skip fsspec's file wrapper
             with open(self.path(rel), "rb") as f:
                 return f.read()
-        return self.fs.cat_file(self.path(rel))
+        return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)))
+
+    def read_many(self, rels: list[str]) -> list[bytes | Exception]:
+        """The contents of ``rels`` (or the exception each read ended with), fetched concurrently on an
+        object store so a high-latency store is never read one object at a time."""
+        if self.local:
+            out: list[bytes | Exception] = []
+            for rel in rels:
+                try:
+                    out.append(self.read(rel))
+                except OSError as exc:
+                    out.append(exc)
+            return out
+        paths = [self.path(r) for r in rels]
+        got: dict[str, bytes | Exception] = {}
+        pending = paths
+        for attempt in range(self.policy.attempts):
+            if attempt:
+                time.sleep(min(self.policy.cap, self.policy.base * 2 ** (attempt - 1)))
+            got.update(self._call("read", rels[0], lambda: self.fs.cat(pending, on_error="return")))
+            pending = [p for p in pending if isinstance(got.get(p), Exception) and is_transient(got[p])]
+            if not pending:
+                break
+        return [got.get(p, FileNotFoundError(p)) for p in paths]
 
     def read_text(self, rel: str) -> str:
         return self.read(rel).decode("utf-8")
 
     def open(self, rel: str, mode: str = "rb") -> IO:
-        return self.fs.open(self.path(rel), mode)
+        return self._call("open", rel, lambda: self.fs.open(self.path(rel), mode))
 
     def listdir(self, rel: str = "") -> list[Entry]:
         """Entries of folder ``rel``, sorted by name (the order every output follows)."""
-        if self._local:                      # the hot path of planning: one scandir, no per-entry wrapping
+        if self.local:                       # the hot path of planning: one scandir, no per-entry wrapping
             with os.scandir(self.path(rel)) as it:
                 out = [Entry(e.name, e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in it]
             return sorted(out, key=lambda e: e.name)
-        out = []
-        for info in self.fs.ls(self.path(rel), detail=True):
-            name = posixpath.basename(info["name"].rstrip("/"))
-            out.append(Entry(name, info["type"] == "directory", int(info.get("size") or 0)))
+        infos = self._call("list", rel, lambda: self.fs.ls(self.path(rel), detail=True, refresh=True))
+        self.fs.invalidate_cache(self.path(rel))       # keep memory flat over 28k folder listings
+        out = [Entry(posixpath.basename(i["name"].rstrip("/")), i["type"] == "directory", int(i.get("size") or 0))
+               for i in infos if i["name"].rstrip("/") != self.path(rel)]
         return sorted(out, key=lambda e: e.name)
 
+    def listdir_many(self, rels: Iterable[str]) -> Iterator[list[Entry]]:
+        """``listdir`` of each of ``rels`` in order; on an object store several run ahead concurrently."""
+        if self.local:
+            yield from map(self.listdir, rels)
+            return
+        with ThreadPoolExecutor(LISTING_THREADS) as pool:
+            ahead: collections.deque = collections.deque()
+            for rel in rels:
+                ahead.append(pool.submit(self.listdir, rel))
+                if len(ahead) > 2 * LISTING_THREADS:       # bounded look-ahead: memory stays flat
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
+    def find(self, rel: str) -> list[str]:
+        """Every file below folder ``rel``, as paths relative to the root, sorted."""
+        found = self._call("list", rel, lambda: self.fs.find(self.path(rel)))
+        return sorted(posixpath.relpath(p, self.root) for p in found)
+
     def makedirs(self, rel: str) -> None:
-        self.fs.makedirs(self.path(rel), exist_ok=True)
+        if self.local:
+            self.fs.makedirs(self.path(rel), exist_ok=True)
 
     def remove(self, rel: str) -> None:
         """Remove file or folder ``rel`` if it exists."""
-        if self.fs.exists(self.path(rel)):
-            self.fs.rm(self.path(rel), recursive=True)
+        if self.exists(rel):
+            self._call("remove", rel, lambda: self.fs.rm(self.path(rel), recursive=True))
 
     @contextlib.contextmanager
     def open_atomic(self, rel: str) -> Iterator[IO[bytes]]:
         """A binary file that appears at ``rel`` only once the block exits without error."""
+        if not self.local:
+            with _spool() as (f, spooled):
+                yield f
+                f.close()
+                self._call("upload", rel, lambda: self.fs.put_file(spooled, self.path(rel)))
+            return
         folder, name = posixpath.split(rel)
         self.makedirs(folder)
         tmp = posixpath.join(folder, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
-            with self.fs.open(self.path(tmp), "wb") as f:
+            with open(self.path(tmp), "wb") as f:
                 yield f
-            self.fs.mv(self.path(tmp), self.path(rel))
+            os.replace(self.path(tmp), self.path(rel))
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.fs.rm(self.path(tmp))
+            with contextlib.suppress(OSError):
+                os.remove(self.path(tmp))
             raise
 
     def write_atomic(self, rel: str, data: bytes) -> None:
@@ -105,10 +188,39 @@ class Storage:
             f.write(data)
 
     def remove_temporaries(self, rel: str) -> int:
-        """Delete leftover temporary files (from a killed run) in folder ``rel``; returns how many."""
-        if not self.isdir(rel):
+        """Delete leftover temporary files (from a killed local run) in folder ``rel``; returns how many."""
+        if not self.local or not self.isdir(rel):
             return 0
         stale = [e.name for e in self.listdir(rel) if not e.is_dir and TMP_MARK in e.name]
         for name in stale:
-            self.fs.rm(self.path(posixpath.join(rel, name)))
+            os.remove(self.path(posixpath.join(rel, name)))
         return len(stale)
+
+
+@contextlib.contextmanager
+def _spool() -> Iterator[tuple[IO[bytes], str]]:
+    """A local temporary file for staging an upload, removed afterwards whatever happens."""
+    fd, path = tempfile.mkstemp(prefix="sysu30k-", suffix=".spool", dir=os.environ.get(SPOOL_ENV))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def parse_options(pairs: Iterable[str]) -> dict:
+    """``key=value`` pairs as storage options; values are JSON when they parse (numbers, booleans,
+    objects such as ``client_kwargs={"region_name": "eu-west-1"}``), plain strings otherwise."""
+    import json
+
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--storage-option takes key=value, not {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

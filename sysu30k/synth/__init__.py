@@ -1,0 +1,6 @@
+"""Deterministic synthetic SYSU-30k-shaped datasets: procedural pedestrians in the released layout."""
+
+from .render import render_person
+from .tree import SynthConfig, SynthSummary, write_synth
+
+__all__ = ["SynthConfig", "SynthSummary", "render_person", "write_synth"]

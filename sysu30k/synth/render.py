@@ -122,12 +122,12 @@ def camera_look(style: int, camera: int) -> CameraLook:
     """The look of ``camera`` under ``style``: the style sets a strong cast and palette, the camera varies it."""
     srng = np.random.default_rng([_LOOK_CODE, style])
     crng = np.random.default_rng([_LOOK_CODE, style, camera])
-    cast_hue = 0.1 + style * _GOLDEN + crng.uniform(-0.06, 0.06)
-    cast = np.array(colorsys.hsv_to_rgb(cast_hue % 1.0, 1.0, 1.0))
+    style_hue = 0.1 + style * _GOLDEN
+    cast = np.array(colorsys.hsv_to_rgb((style_hue + crng.uniform(-0.06, 0.06)) % 1.0, 1.0, 1.0))
     strength = srng.uniform(0.12, 0.2) + crng.uniform(-0.04, 0.04)
     exposure = srng.uniform(0.88, 1.08) * crng.uniform(0.93, 1.07)
     gains = exposure * (1.0 + 1.5 * strength * (cast - cast.mean()))
-    bg_hue = 0.55 + style * _GOLDEN * _GOLDEN + crng.uniform(-0.08, 0.08)
+    bg_hue = style_hue + crng.uniform(-0.08, 0.08)
     bg_sat = srng.uniform(0.08, 0.45)
     palette = tuple(_hsv(bg_hue + crng.uniform(-0.12, 0.12), bg_sat * crng.uniform(0.5, 1.5), v)
                     for v in np.sort(crng.uniform(0.2, 0.9, size=6)))
@@ -150,7 +150,7 @@ def _background(rng: np.random.Generator, height: int, width: int, look: CameraL
     column = np.empty((height, 3), dtype=np.float32)
     column[:horizon] = np.linspace(top, wall, horizon, dtype=np.float32)
     column[horizon:] = np.linspace(floor * 0.9, floor * 1.1, height - horizon, dtype=np.float32)
-    img = Image.fromarray(np.broadcast_to(column.clip(0, 255).astype(np.uint8)[:, None], (height, width, 3)))
+    img = Image.fromarray(column.clip(0, 255).astype(np.uint8)[:, None]).resize((width, height), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 6)):
         x0, y0 = rng.uniform(-0.2, 1.0) * width, rng.uniform(-0.1, 0.9) * height
@@ -295,10 +295,10 @@ def _colour_transform(img: Image.Image, rng: np.random.Generator, look: CameraLo
     contrast = rng.uniform(0.88, 1.12)
     brightness = rng.uniform(0.9, 1.1)
     saturation = look.saturation * np.eye(3) + (1.0 - look.saturation) * np.outer(np.ones(3), _LUMA)
-    matrix = (np.diag(np.array(look.gains) * brightness) @ saturation @ _hue_rotation(rng.uniform(-0.12, 0.12)))
+    matrix = np.diag(np.array(look.gains) * brightness) @ saturation @ _hue_rotation(rng.uniform(-0.12, 0.12))
     offset = (1.0 - contrast) * 128.0 * matrix.sum(axis=1)
-    arr = np.asarray(img, dtype=np.float32) @ (contrast * matrix).T.astype(np.float32) + offset.astype(np.float32)
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    affine = np.concatenate([contrast * matrix, offset[:, None]], axis=1)
+    return img.convert("RGB", tuple(float(a) for a in affine.ravel()))
 
 
 def render_person(identity: int, rng: np.random.Generator, height: int, camera: int, style: int) -> Image.Image:
