@@ -11,12 +11,14 @@ alternate round after round; every run is a fresh child process and writes to a 
 
 pass-through (synth-h144)
   base-wds        os.walk (sorted) + read bytes + webdataset.ShardWriter(maxsize=256e6); no validation
-  ours-full-w1/2  run_shard(ImageOptions(verify="full")), workers 1 and 2
-  ours-head-w1/2  run_shard(ImageOptions(verify="header")), workers 1 and 2
+  ours-full-w1/2  run_shard(ImageOptions(verify="full")), workers 1 and 2, default sharding (256 MB)
+  ours-head-w1/2  run_shard(ImageOptions(verify="header")), workers 1 and 2, default sharding
+  ours-*-w2-s16   the same with --shard-size 16MB: the tree is ~76 MB, so default sharding gives ONE
+                  training shard, and shards are the unit of parallel work (2 workers cannot help)
   bare-copy       os.walk (sorted) + read bytes + append to one open file (the physical limit)
 resize (synth-h288)
   base-pil        Image.open(path).convert("RGB") -> resize long side 144 BICUBIC -> JPEG q95 -> ShardWriter
-  ours-resize-w1/2 run_shard(ImageOptions(resize=144)), workers 1 and 2
+  ours-resize-w1/2 run_shard(ImageOptions(resize=144)), workers 1 and 2 (+ -s16: 16 MB shards)
 
 Timing: perf_counter inside the child around the work only (imports and interpreter start excluded; the
 whole child wall time is recorded too as ``proc_s``). For ours it covers planning + packing + publishing;
@@ -44,17 +46,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PASS_CONFIGS = ["base-wds", "ours-full-w1", "ours-full-w2", "ours-head-w1", "ours-head-w2", "bare-copy"]
-RESIZE_CONFIGS = ["base-pil", "ours-resize-w1", "ours-resize-w2"]
-BASELINE_OF = {
-    "ours-full-w1": "base-wds", "ours-full-w2": "base-wds", "ours-head-w1": "base-wds",
-    "ours-head-w2": "base-wds", "bare-copy": "base-wds",
-    "ours-resize-w1": "base-pil", "ours-resize-w2": "base-pil",
-}
-TARGET = {  # ratio of images/s against the baseline, from the issue
-    "ours-full-w1": 1.0, "ours-full-w2": 1.0, "ours-head-w1": 3.0, "ours-head-w2": 3.0,
-    "ours-resize-w1": 4.0, "ours-resize-w2": 4.0,
-}
+PASS_CONFIGS = ["base-wds", "ours-full-w1", "ours-full-w2", "ours-full-w2-s16", "ours-head-w1", "ours-head-w2",
+                "ours-head-w2-s16", "bare-copy"]
+RESIZE_CONFIGS = ["base-pil", "ours-resize-w1", "ours-resize-w2", "ours-resize-w2-s16"]
+BASELINE_OF = {c: "base-wds" for c in PASS_CONFIGS[1:]} | {c: "base-pil" for c in RESIZE_CONFIGS[1:]}
+TARGET = {c: {"full": 1.0, "head": 3.0, "resize": 4.0}[c.split("-")[1]]  # images/s ratio, from the issue
+          for c in PASS_CONFIGS + RESIZE_CONFIGS if c.startswith("ours-")}
 
 
 # ----------------------------------------------------------------------------- the measured workloads
@@ -121,7 +118,7 @@ def run_base_pil(src: str, dst: str, long_side: int = 144) -> dict:
     return {"seconds": time.perf_counter() - t0, "images": n}
 
 
-def run_ours(src: str, dst: str, verify: str, resize: int | None, workers: int) -> dict:
+def run_ours(src: str, dst: str, verify: str, resize: int | None, workers: int, shard_mb: int | None) -> dict:
     import sysu30k.shard as shard_mod
     from sysu30k.imageproc import ImageOptions
     from sysu30k.plan import ShardingOptions
@@ -140,13 +137,15 @@ def run_ours(src: str, dst: str, verify: str, resize: int | None, workers: int) 
 
     shard_mod.make_plan = timed("plan_s", shard_mod.make_plan)
     shard_mod.publish = timed("publish_s", shard_mod.publish)
-    job = ShardJob(sharding=ShardingOptions(), image=ImageOptions(verify=verify, resize=resize))
+    sharding = ShardingOptions(shard_size=shard_mb * 10**6) if shard_mb else ShardingOptions()
+    job = ShardJob(sharding=sharding, image=ImageOptions(verify=verify, resize=resize))
     t0 = time.perf_counter()
     summary = run_shard(src, dst, job=job, workers=workers, overwrite=False, show_progress=False)
     seconds = time.perf_counter() - t0
     images = sum(s["images"] for s in summary["subsets"].values())
     rejects = sum(s["rejects"] for s in summary["subsets"].values())
-    return {"seconds": seconds, "images": images, "rejects": rejects, **shares}
+    shards = sum(s["shards"] for s in summary["subsets"].values())
+    return {"seconds": seconds, "images": images, "rejects": rejects, "shards": shards, **shares}
 
 
 def child_main(spec: dict) -> None:
@@ -158,12 +157,13 @@ def child_main(spec: dict) -> None:
     elif kind == "base-pil":
         res = run_base_pil(src, dst)
     elif kind.startswith("ours-"):
-        _, mode, w = kind.split("-")
-        workers = int(w[1:])
+        # ours-<full|head|resize>-w<workers>[-s<shard MB>]; default sharding (256 MB) without -s
+        _, mode, w, *rest = kind.split("-")
+        workers, shard_mb = int(w[1:]), (int(rest[0][1:]) if rest else None)
         if mode == "resize":
-            res = run_ours(src, dst, "full", 144, workers)
+            res = run_ours(src, dst, "full", 144, workers, shard_mb)
         else:
-            res = run_ours(src, dst, {"full": "full", "head": "header"}[mode], None, workers)
+            res = run_ours(src, dst, {"full": "full", "head": "header"}[mode], None, workers, shard_mb)
     else:
         raise SystemExit(f"unknown config {kind}")
     print("RESULT " + json.dumps(res), flush=True)
@@ -269,7 +269,7 @@ def summarise(runs: dict[str, list[dict]]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'config':<16}{'reps':>5}{'images':>8}{'median s':>10}{'img/s':>9}{'plan s':>8}{'publ s':>8}"
+    print(f"\n{'config':<20}{'reps':>5}{'images':>8}{'median s':>10}{'img/s':>9}{'plan s':>8}{'publ s':>8}"
           f"{'ratio':>8}{'target':>8}  met")
     for r in rows:
         plan = f"{r['median_plan_s']:.2f}" if r["median_plan_s"] is not None else "-"
@@ -277,7 +277,7 @@ def print_table(rows: list[dict]) -> None:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         target = f">={r['target']:.1f}x" if "target" in r else "-"
         met = ("yes" if r["met"] else "NO") if "met" in r else "-"
-        print(f"{r['config']:<16}{r['reps']:>5}{r['images']:>8}{r['median_s']:>10.2f}{r['median_img_s']:>9.0f}"
+        print(f"{r['config']:<20}{r['reps']:>5}{r['images']:>8}{r['median_s']:>10.2f}{r['median_img_s']:>9.0f}"
               f"{plan:>8}{pub:>8}{ratio:>8}{target:>8}  {met}")
 
 
@@ -316,8 +316,8 @@ def main() -> None:
                 res = run_child(config, tree, out / "dst" / config)
                 res["rep"] = rep
                 runs.setdefault(config, []).append(res)
-                extra = f" plan {res['plan_s']:.2f} s" if "plan_s" in res else ""
-                print(f"  rep {rep} {config:<16} {res['seconds']:7.2f} s  {res['images'] / res['seconds']:8.0f} img/s"
+                extra = f" plan {res['plan_s']:.2f} s, {res['shards']} shards" if "plan_s" in res else ""
+                print(f"  rep {rep} {config:<20} {res['seconds']:7.2f} s  {res['images'] / res['seconds']:8.0f} img/s"
                       f"{extra}", flush=True)
     rows = summarise(runs)
     print_table(rows)

@@ -40,7 +40,12 @@ def _subsets(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(quiet: bool) -> None:
     """Shard, load, train and evaluate on SYSU-30k, the weakly labelled person re-ID dataset."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("sysu30k")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @cli.command()
@@ -142,6 +147,53 @@ def doctor(as_json: bool) -> None:
         return
     for r in rows:
         click.echo(f"{'ok ' if r.ok else '-- '} {r.name:<14} {r.detail}")
+
+
+@cli.command()
+@click.argument("dst")
+@click.option("--val-folders", default=0, show_default=True,
+              help="Training folders to hold out for a val split (0: test split only).")
+@click.option("--val-block", default=25, show_default=True,
+              help="Held-out folders per contiguous block; each block gets 2 guard folders on each side.")
+@click.option("--val-distractors", default=0.5, show_default=True,
+              help="Fraction of held-out folders that give only distractors (the rest give one query each).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the val folders and val queries.")
+@click.option("--expect", default="auto", show_default=True, metavar="auto|official|none|Q,G",
+              help="Counts the test split must have. official: 1,000 queries / 479,730 gallery images; auto: "
+                   "official, or a synthetic tree's own counts when the source DST was packed from holds a "
+                   "synth.json (sysu30k synth); none: no count check; Q,G: those counts.")
+@click.option("--strict", is_flag=True, help="Make broken invariants and count deviations an error (exit 2).")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Use this Dask scheduler instead of a local cluster ('sync': no cluster, in this process).")
+@click.option("--workers", default=2, show_default=True, help="Workers of the local Dask cluster.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def split(dst: str, val_folders: int, val_block: int, val_distractors: float, seed: int, expect: str,
+          strict: bool, scheduler: str | None, workers: int, as_json: bool) -> None:
+    """Build the official test split (and a val split) of DST into DST/manifests/split.parquet.
+
+    Reads DST/manifests/images.parquet (local path or fsspec URL such as s3://...) with Dask, checks
+    the protocol's invariants and reports every deviation, and writes split.parquet, holdout.parquet
+    (folders a trainer must skip) and split_summary.json.
+    """
+    from .split import build_splits
+
+    s = build_splits(dst, val_folders=val_folders, seed=seed, scheduler=scheduler, strict=strict, expected=expect,
+                     val_block=val_block, val_distractors=val_distractors, workers=workers)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    click.echo(f"{'split':<6} {'queries':>8} {'gallery':>10} {'matches':>8} {'distractors':>11} {'ids':>6}")
+    for name, c in s["splits"].items():
+        click.echo(f"{name:<6} {c['queries']:>8} {c['gallery']:>10} {c['true_matches']:>8} {c['distractors']:>11} "
+                   f"{c['identities']:>6}")
+    v = s["val"]
+    if v["folders"]:
+        click.echo(f"held out: {v['folders']} folders in {len(v['blocks'])} blocks "
+                   f"({len(v['query_folders'])} query, {len(v['distractor_folders'])} distractor) "
+                   f"+ {len(v['guard_folders'])} guard; training bags kept {s['training_bags']['kept']}, "
+                   f"excluded {s['training_bags']['excluded']}")
+    click.echo(f"{len(s['findings'])} warning(s); manifests in {dst}/manifests/"
+               if s["findings"] else f"all invariants hold; manifests in {dst}/manifests/")
 
 
 def main() -> None:

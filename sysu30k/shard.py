@@ -29,6 +29,7 @@ from .storage import Storage
 
 log = logging.getLogger("sysu30k")
 OUTPUT_DIRS = (SHARD_DIR, PARTS_DIR, PLAN_DIR, "manifests")
+SCHEDULER_TIMEOUT = "20s"             # how long to wait for an existing Dask scheduler to answer
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
         from distributed import as_completed as dask_completed
 
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         with client:
@@ -154,4 +155,6 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
             for stats in run(todo):
                 bar.update(stats.count + stats.rejects)
                 finished[stats.shard] = stats
+    for d in OUTPUT_DIRS:                 # what a worker killed mid-write left behind
+        dst.remove_temporaries(d)
     return publish(dst, plan, [finished[name] for _, _, name in shards])

@@ -70,10 +70,14 @@ class Storage:
         """Run a filesystem call with retries; permanent failures become a StorageError naming the URL."""
         try:
             return retry(fn, f"{what} {self.fs.unstrip_protocol(self.path(rel))}", self.policy)
+        except StorageError:
+            raise
         except Exception as exc:
-            if isinstance(exc, (FileNotFoundError, StorageError)) or is_transient(exc):
-                raise
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, PermissionError):
+                reason += " (check the credentials, endpoint and region: AWS_* variables or --storage-option)"
+            elif is_transient(exc):
+                reason = f"{type(exc).__name__}: {reason} (still failing after {self.policy.attempts} attempts)"
             raise StorageError(f"cannot {what} {self.fs.unstrip_protocol(self.path(rel))}: {reason}") from None
 
     def exists(self, rel: str) -> bool:

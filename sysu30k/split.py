@@ -1,0 +1,572 @@
+"""``sysu30k split``: the official test split and a held-out validation split, built with Dask.
+
+Input: ``DST/manifests/images.parquet`` as ``sysu30k shard`` writes it (one row group per shard, in shard
+order). Output, each written atomically, the summary last:
+
+* ``DST/manifests/split.parquet`` (table ``split``): one row per image of a split, test rows first, then
+  val rows, each in shard order; filter on the ``split`` column (test|val).
+* ``DST/manifests/holdout.parquet`` (table ``holdout``): the training folders taken out of training for
+  the val split (role query or distractor) and their guard bands (role guard). Rewritten on every run,
+  empty without ``val_folders``, so it never holds a previous run's choice.
+* ``DST/manifests/split_summary.json``: counts, the held-out folders, every finding. No timings, so the
+  same inputs and options give byte-identical outputs.
+
+**Test split.** Queries are the ``query`` images, the gallery the ``gallery`` images, exactly as the
+official evaluator walks them (SYSU30K.md §2). The invariants of :mod:`sysu30k.split_checks` are
+checked, not assumed, and each broken one is logged as a warning naming up to 10 offending files;
+``strict`` turns them into a :class:`UserError` and nothing is written. Expected counts (``expected``):
+``"official"`` = 1,000 queries / 479,730 gallery images, and a deviation names the missing identities
+(of the released range 28311..29310), the files outside it and the distractor numbers that are missing
+or extra; ``"auto"`` (default) is official unless the tree ``summary.json`` names as source is a
+``sysu30k synth`` tree, whose own ``synth.json`` counts are expected then; ``"none"`` or None checks no
+counts; ``(Q, G)`` or ``"Q,G"`` expects those.
+
+**Val split** (``val_folders`` = N > 0). Training folders are impure: some of folder k's images show
+identities k±1 and k±2. So the N held-out folders come in contiguous blocks of at most ``val_block``
+folders, each flanked by a guard band of 2 folders on each side that is excluded from training *and*
+from val: no training image can then show a val identity. Block positions are drawn uniformly (seeded)
+among the sorted training folders (2 blocks at least when distractors are asked). A seeded
+``val_distractors`` fraction of the *blocks* (default one half; at least one, and at least one query
+block) gives distractors only: every image a gallery distractor (pid -1000, camid 1). Whole blocks, so a
+distractor folder is never within impurity reach of a query folder. Each folder of a query block with 2
+images or more (query folder) gives one query (camid 2, pid = folder id): the image whose seeded hash
+of its key is smallest, which does not depend on how shards cut the folder; its other images are its
+true matches (gallery, camid 1). Cameras are nominal: training images carry none. Neighbouring query
+folders still share some people, so val labels are as noisy as training labels (some "true matches"
+show a neighbour, some of a query's person sit in the next folder); use val to rank checkpoints, not
+as a test result. :func:`training_bags` gives the bags with every bag touching a held-out or guard
+folder removed; :func:`excluded_folders` the folders a trainer must skip.
+
+**Dask.** Work is partitioned by manifest row group (= shard), never by image: one partition per row
+group, read with pyarrow on the workers, with row groups picked from the footer statistics (test
+shards for the test split; for val only the training shards whose folder range meets a held-out
+folder). Per-identity/role counts and the key-duplicate search are Dask reductions; what comes back to
+the client is small (counts, the non-distractor rows, duplicated keys) except the split rows
+themselves, which stream to the client one partition at a time to be written into the one Parquet file.
+``scheduler=None`` starts a 2-worker ``LocalCluster`` for the call; ``"tcp://HOST:PORT"`` uses an
+existing cluster (its workers must be able to import sysu30k and read DST); ``"sync"`` runs the same
+graph in this process without distributed (debugging, tiny data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import manifests
+from .bags import train_folder_name
+from .constants import (DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_GALLERY, OFFICIAL_QUERIES, QUERY_CAMID)
+from .errors import UserError
+from .publish import load_summary
+from .split_checks import Finding, check_counts, check_split
+from .storage import Storage
+
+log = logging.getLogger("sysu30k")
+
+SPLIT_SUMMARY = "manifests/split_summary.json"
+SUMMARY_VERSION = 1
+OFFICIAL_TEST_IDS = range(28311, 29311)   # 000028311 … 000029310 (SYSU30K.md §1.1)
+VAL_BLOCK = 25                            # held-out folders per contiguous block, at most
+GUARD = 2                                 # guard folders on each side of a block: impurity reaches k±2
+ROW_GROUP_ROWS = 1 << 16                  # rows per row group of split.parquet
+SYNTH_JSON = "synth.json"
+_READ = ["key", "subset", "path", "folder", "pid", "camid", "distractor"]
+_DTYPES = {"split": "str", "role": "str", "key": "str", "pid": "Int32", "camid": "Int8", "distractor": "bool",
+           "folder": "Int32", "path": "str"}
+
+
+# ----------------------------------------------------------------------------- reading row groups (workers)
+
+@dataclass(frozen=True)
+class _Source:
+    """images.parquet as the workers open it: full fsspec URL, options (JSON), and a version token."""
+
+    url: str
+    options: str
+    token: str
+
+
+@functools.lru_cache(maxsize=4)
+def _footer(src: _Source) -> pq.FileMetaData:
+    """The footer, parsed once per worker process and file version (a 2,000-row-group footer is MBs)."""
+    fs, path = fsspec.core.url_to_fs(src.url, **json.loads(src.options))
+    with fs.open(path, "rb") as f:
+        return pq.read_metadata(f)
+
+
+def _read_group(src: _Source, index: int, columns: list[str]) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(src.url, **json.loads(src.options))
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f, metadata=_footer(src)).read_row_group(index, columns=columns)
+
+
+def _frame(data: dict) -> pd.DataFrame:
+    return pd.DataFrame(data).astype(_DTYPES)[list(_DTYPES)]
+
+
+def _empty() -> pd.DataFrame:
+    return _frame({c: [] for c in _DTYPES})
+
+
+def _test_part(index: int, src: _Source) -> pd.DataFrame:
+    """The test rows (query and gallery images) of row group ``index``."""
+    t = _read_group(src, index, _READ)
+    t = t.filter(pc.is_in(t["subset"], pa.array(["query", "gallery"])))
+    n = t.num_rows
+    return _frame({"split": ["test"] * n, "role": t["subset"].to_pylist(), "key": t["key"].to_pylist(),
+                   "pid": t["pid"].to_pandas(), "camid": t["camid"].to_pandas(),
+                   "distractor": t["distractor"].to_pandas(), "folder": [None] * n, "path": t["path"].to_pylist()})
+
+
+def _folder_part(index: int, src: _Source) -> pd.DataFrame:
+    """Images per training folder in row group ``index``."""
+    t = _read_group(src, index, ["subset", "folder"])
+    t = t.filter(pc.and_(pc.equal(t["subset"], "train"), pc.is_valid(t["folder"])))
+    vc = pc.value_counts(t["folder"])
+    return pd.DataFrame({"folder": vc.field("values").to_numpy(zero_copy_only=False).astype(np.int64),
+                         "n": vc.field("counts").to_numpy(zero_copy_only=False).astype(np.int64)})
+
+
+def _score(seed: int, keys) -> np.ndarray:
+    """A seeded, partition-independent 63-bit hash of each key (picks the query of a val folder)."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}/{k}".encode(), digest_size=8).digest(), "big") >> 1
+                     for k in keys], dtype=np.int64)
+
+
+def _val_part(index: int, src: _Source, roles: dict[int, str], seed: int) -> pd.DataFrame:
+    """Rows of held-out folders in row group ``index``, all gallery for now, with their query score."""
+    t = _read_group(src, index, ["key", "subset", "path", "folder"])
+    t = t.filter(pc.and_(pc.equal(t["subset"], "train"), pc.is_in(t["folder"], pa.array(list(roles), pa.int32()))))
+    folder = t["folder"].to_numpy(zero_copy_only=False).astype(np.int64)
+    is_query = np.array([roles[f] == "query" for f in folder], dtype=bool)
+    out = _frame({"split": ["val"] * len(folder), "role": ["gallery"] * len(folder), "key": t["key"].to_pylist(),
+                  "pid": np.where(is_query, folder, DISTRACTOR_PID), "camid": [GALLERY_CAMID] * len(folder),
+                  "distractor": ~is_query, "folder": folder, "path": t["path"].to_pylist()})
+    out["score"] = _score(seed, out["key"])
+    return out
+
+
+def _mark_queries(part: pd.DataFrame, best: dict[int, int]) -> pd.DataFrame:
+    """Make the best-scoring image of each query folder its query (camid QUERY_CAMID)."""
+    part = part.copy()
+    pick = part["score"].to_numpy() == part["folder"].map(best).fillna(-1).astype(np.int64).to_numpy()
+    pick &= ~part["distractor"].to_numpy()
+    part.loc[pick, "role"] = "query"
+    part.loc[pick, "camid"] = QUERY_CAMID
+    return part[list(_DTYPES)]
+
+
+def _distractor_numbers(part: pd.DataFrame) -> pd.Series:
+    """K of every ``0000others_c1_K.jpg`` distractor of a partition (-1 when the name has no number)."""
+    d = part[part["distractor"]]
+    k = d["path"].str.extract(r"_c\d+_(\d+)\.[A-Za-z]+$", expand=False)
+    return pd.to_numeric(k, errors="coerce").fillna(-1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- running (client)
+
+class _Runner:
+    """Computes Dask collections on a distributed Client, or in this process (``client`` None)."""
+
+    def __init__(self, client=None):
+        self.client = client
+
+    def persist(self, df):
+        return self.client.persist(df) if self.client is not None else df.persist(scheduler="sync")
+
+    def compute(self, *objs) -> list:
+        import dask
+
+        if self.client is not None:
+            return self.client.compute(list(objs), sync=True)
+        return list(dask.compute(*objs, scheduler="sync"))
+
+    def partitions(self, df) -> Iterator[pd.DataFrame]:
+        """The partitions of ``df`` in order, one at a time."""
+        parts = df.to_delayed()
+        if self.client is None:
+            for p in parts:
+                yield p.compute(scheduler="sync")
+            return
+        futures = self.client.compute(parts)
+        for fut in futures:
+            yield fut.result()
+            fut.release()
+
+
+@contextlib.contextmanager
+def _runner(scheduler: str | None, workers: int) -> Iterator[_Runner]:
+    if scheduler == "sync":
+        yield _Runner()
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="15s")
+        except (OSError, TimeoutError) as exc:
+            raise UserError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
+        with client:
+            log.info("split: on %s (%d workers)", scheduler, len(client.scheduler_info(n_workers=-1)["workers"]))
+            yield _Runner(client)
+        return
+    log.info("split: starting a local Dask cluster of %d workers", workers)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+        yield _Runner(client)
+
+
+# ----------------------------------------------------------------------------- the held-out folders
+
+@dataclass(frozen=True)
+class Holdout:
+    """Training folders taken out for the val split (folder ids, sorted) and the block of each."""
+
+    query: tuple[int, ...] = ()
+    distractor: tuple[int, ...] = ()
+    guard: tuple[int, ...] = ()
+    blocks: tuple[tuple[int, int], ...] = ()      # (first, last) held-out folder of each block
+    block_of: dict[int, int] = field(default_factory=dict, compare=False)
+
+    def roles(self) -> dict[int, str]:
+        return {**{f: "query" for f in self.query}, **{f: "distractor" for f in self.distractor}}
+
+    def excluded(self) -> set[int]:
+        return set(self.query) | set(self.distractor) | set(self.guard)
+
+    def table(self) -> pa.Table:
+        """The ``holdout`` manifest table: one row per held-out or guard folder, by folder id."""
+        rows = sorted([(f, "query") for f in self.query] + [(f, "distractor") for f in self.distractor]
+                      + [(f, "guard") for f in self.guard])
+        return pa.Table.from_pylist([{"folder": f, "name": train_folder_name(f), "role": r,
+                                      "block": self.block_of[f]} for f, r in rows], schema=manifests.schema("holdout"))
+
+
+def _n_blocks(n: int, block: int, distractor_fraction: float) -> int:
+    """Blocks for ``n`` held-out folders: at most ``block`` each, and 2 or more when distractors are asked."""
+    return max(math.ceil(n / block), 2 if distractor_fraction > 0 and n >= 2 else 1)
+
+
+def max_val_folders(n_folders: int, block: int = VAL_BLOCK, distractor_fraction: float = 0.5) -> int:
+    """The most held-out folders ``n_folders`` training folders allow (leaving one for training)."""
+    n = 0
+    while n + 1 + 2 * GUARD * _n_blocks(n + 1, block, distractor_fraction) <= n_folders - 1:
+        n += 1
+    return n
+
+
+def choose_holdout(folder_counts: dict[int, int], n: int, seed: int = 0, block: int = VAL_BLOCK,
+                   distractor_fraction: float = 0.5) -> Holdout:
+    """Pick ``n`` held-out folders in blocks with guard bands; deterministic by seed.
+
+    ``folder_counts``: images per training folder (its keys, sorted, are the training folders). The
+    ``n`` folders form ``ceil(n / block)`` contiguous blocks (2 at least when ``distractor_fraction`` > 0)
+    of near-equal size, each flanked by ``GUARD`` folders on both sides, placed uniformly at random
+    without overlap. Whole blocks give distractors: ``round(blocks * distractor_fraction)`` of them, at
+    least one and leaving at least one query block, so a distractor folder is never within impurity
+    reach (±2) of a query folder. Every folder of a query block with 2 images or more is a query folder;
+    one with fewer cannot give a query and its match and becomes a guard folder (out of both).
+    Raises UserError when ``n`` does not fit or no folder can give a query.
+    """
+    if n <= 0:
+        return Holdout()
+    if block < 1:
+        raise UserError("--val-block must be at least 1")
+    if not 0.0 <= distractor_fraction < 1.0:
+        raise UserError("--val-distractors must lie in [0, 1)")
+    folders = sorted(folder_counts)
+    k = _n_blocks(n, block, distractor_fraction)
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    free = len(folders) - n - 2 * GUARD * k
+    if free < 1:
+        raise UserError(f"--val-folders {n} is more than this dataset allows: {len(folders)} training folders "
+                        f"leave room for at most {max_val_folders(len(folders), block, distractor_fraction)} "
+                        f"held-out folders (blocks of at most {block} with {GUARD} guard folders on each side)")
+    rng = np.random.default_rng([seed, 0x5B1])
+    bars = np.sort(rng.choice(free + k, size=k, replace=False))
+    gaps = np.diff(np.concatenate([[-1], bars, [free + k]])) - 1       # k+1 gaps summing to free
+    n_dis = min(max(round(k * distractor_fraction), 1 if distractor_fraction > 0 else 0), k - 1)
+    dis_blocks = set(int(b) for b in rng.permutation(k)[:n_dis])
+    query, distractor, guard, blocks, block_of, pos = [], [], [], [], {}, int(gaps[0])
+    for b, (size, gap) in enumerate(zip(sizes, gaps[1:])):
+        band = folders[pos:pos + GUARD] + folders[pos + GUARD + size:pos + 2 * GUARD + size]
+        members = folders[pos + GUARD:pos + GUARD + size]
+        guard += band
+        if b in dis_blocks:
+            distractor += members
+        else:
+            query += [f for f in members if folder_counts[f] >= 2]
+            guard += [f for f in members if folder_counts[f] < 2]
+        blocks.append((members[0], members[-1]))
+        block_of.update({f: b for f in band + members})
+        pos += size + 2 * GUARD + int(gap)
+    if not query:
+        raise UserError(f"no folder of the val query blocks has 2 images or more, so none can give a query "
+                        "and its true match; pass another --seed or more --val-folders")
+    return Holdout(tuple(sorted(query)), tuple(sorted(distractor)), tuple(sorted(guard)), tuple(blocks), block_of)
+
+
+# ----------------------------------------------------------------------------- inputs and options
+
+@dataclass(frozen=True)
+class _Group:
+    index: int
+    rows: int
+    subset: str | None          # None: no statistics, so any subset
+    folders: tuple[int, int] | None
+
+
+def _row_groups(md: pq.FileMetaData) -> list[_Group]:
+    names = md.schema.to_arrow_schema().names
+    si, fi = names.index("subset"), names.index("folder")
+    out = []
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        s, f = rg.column(si).statistics, rg.column(fi).statistics
+        subset = s.min if s is not None and s.has_min_max and s.min == s.max else None
+        folders = (int(f.min), int(f.max)) if f is not None and f.has_min_max else None
+        out.append(_Group(i, rg.num_rows, subset, folders))
+    return out
+
+
+def parse_expected(value) -> tuple[str, tuple[int, int] | None]:
+    """(mode, counts) of an ``expected`` option: auto, official, none/None, (Q, G) or "Q,G"."""
+    if value is None or value == "none":
+        return "none", None
+    if value == "official":
+        return "official", (OFFICIAL_QUERIES, OFFICIAL_GALLERY)
+    if value == "auto":
+        return "auto", None
+    try:
+        q, g = (int(x) for x in (value.split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise UserError(f"--expect takes auto, official, none or QUERIES,GALLERY, not {value!r}") from None
+    if q < 0 or g < 0:
+        raise UserError("--expect counts must not be negative")
+    return "counts", (q, g)
+
+
+def _resolve_expected(value, shard_summary: dict) -> tuple[str, tuple[int, int] | None]:
+    mode, counts = parse_expected(value)
+    if mode != "auto":
+        return mode, counts
+    source = shard_summary.get("source")
+    try:
+        src = Storage(source)
+        if src.exists(SYNTH_JSON):
+            c = json.loads(src.read_text(SYNTH_JSON))["counts"]
+            return "synth", (int(c["query_images"]), int(c["gallery_images"]))
+    except Exception as exc:   # an unreachable or moved source: the release is the default
+        log.info("split: cannot look at the source %s (%s); expecting the official counts", source, exc)
+    return "official", (OFFICIAL_QUERIES, OFFICIAL_GALLERY)
+
+
+# ----------------------------------------------------------------------------- one split
+
+@dataclass
+class _Built:
+    rows: object                          # persisted Dask frame of the split rows
+    counts: dict = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+
+def _reduce(run: _Runner, rows) -> tuple[pd.DataFrame, dict]:
+    """The rows every invariant needs (see split_checks) and the counts, from a persisted split frame."""
+    vc = rows["key"].value_counts(split_out=1)   # a tree reduction: no shuffle
+    dup_keys, sizes = run.compute(vc[vc > 1], rows.groupby(["role", "distractor"]).size(split_out=1))
+    keep = ((rows["role"] == "query") | ~rows["distractor"] | (rows["pid"] != DISTRACTOR_PID)
+            | rows["pid"].isna() | rows["key"].isin(list(dup_keys.index)))
+    (small,) = run.compute(rows[keep])
+    sizes = {(r, bool(d)): int(n) for (r, d), n in sizes.items()}
+    counts = {"queries": sum(n for (r, _), n in sizes.items() if r == "query"),
+              "gallery": sum(n for (r, _), n in sizes.items() if r == "gallery"),
+              "true_matches": sizes.get(("gallery", False), 0), "distractors": sizes.get(("gallery", True), 0)}
+    q = small[(small["role"] == "query") & small["pid"].notna() & ~small["distractor"]]
+    counts["identities"] = int(q["pid"].nunique())
+    return small, counts
+
+
+def _build_test(run: _Runner, dd, src: _Source, groups: list[_Group], expect_mode: str,
+                expected: tuple[int, int] | None) -> _Built:
+    idx = [g.index for g in groups if g.subset in ("query", "gallery", None)]
+    rows = run.persist(dd.from_map(_test_part, idx, args=[src], meta=_empty(), label="test-rows")
+                       if idx else dd.from_pandas(_empty(), npartitions=1))
+    small, counts = _reduce(run, rows)
+    findings = check_split(small, "test")
+    if expected is not None and (counts["queries"], counts["gallery"]) != expected:
+        (numbers,) = run.compute(rows.map_partitions(_distractor_numbers, meta=("path", "int64")))
+        findings += check_counts("test", counts["queries"], counts["gallery"], expected, small,
+                                 OFFICIAL_TEST_IDS if expect_mode == "official" else None, numbers.to_numpy())
+    return _Built(rows, counts, findings)
+
+
+def _build_val(run: _Runner, dd, src: _Source, groups: list[_Group], holdout: Holdout, seed: int) -> _Built:
+    roles = holdout.roles()
+    lo, hi = min(roles), max(roles)
+    idx = [g.index for g in groups if g.subset in ("train", None)
+           and (g.folders is None or (g.folders[0] <= hi and g.folders[1] >= lo))]
+    meta = _empty().assign(score=pd.Series([], dtype="int64"))
+    raw = run.persist(dd.from_map(_val_part, idx, args=[src, roles, seed], meta=meta, label="val-rows"))
+    (best,) = run.compute(raw[~raw["distractor"]].groupby("folder")["score"].min(split_out=1))
+    best = {int(f): int(s) for f, s in best.items()}
+    rows = run.persist(raw.map_partitions(_mark_queries, best, meta=_empty()))
+    small, counts = _reduce(run, rows)
+    return _Built(rows, counts, check_split(small, "val"))
+
+
+# ----------------------------------------------------------------------------- the whole command
+
+def build_splits(dst_url: str, val_folders: int = 0, seed: int = 0, scheduler: str | None = None,
+                 strict: bool = False, expected="auto", val_block: int = VAL_BLOCK,
+                 val_distractors: float = 0.5, workers: int = 2, storage_options: dict | None = None) -> dict:
+    """Build the test (and, with ``val_folders``, the val) split of DST; returns the summary.
+
+    See the module doc for the outputs, ``expected``, ``scheduler`` and the val rules. Raises UserError
+    when DST holds no complete ``sysu30k shard`` output, for impossible options, and under ``strict``
+    when an invariant is broken (then nothing is written).
+    """
+    import dask.dataframe as dd
+
+    if val_folders < 0:
+        raise UserError("--val-folders must not be negative")
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    dst = Storage(dst_url, storage_options)
+    images_rel = manifests.relpath("images")
+    if not dst.exists(images_rel):
+        raise UserError(f"{dst.url} has no {images_rel}: run `sysu30k shard SRC DST` first")
+    shard_summary = load_summary(dst)
+    if shard_summary is None:
+        raise UserError(f"{dst.url} has no manifests/summary.json: `sysu30k shard` did not finish; rerun it")
+    expect_mode, expected_counts = _resolve_expected(expected, shard_summary)
+    info = dst.fs.info(dst.path(images_rel))
+    src = _Source(dst.fs.unstrip_protocol(dst.path(images_rel)), json.dumps(storage_options or {}, sort_keys=True),
+                  f"{info.get('size')}-{info.get('mtime') or info.get('ETag') or info.get('LastModified')}")
+    with dst.open(images_rel) as f:
+        md = pq.read_metadata(f)
+    groups = _row_groups(md)
+    log.info("split: %s has %d rows in %d row groups; expecting %s", images_rel, md.num_rows, len(groups),
+             "no particular counts" if expected_counts is None
+             else f"{expected_counts[0]:,} / {expected_counts[1]:,} ({expect_mode})")
+    with _runner(scheduler, workers) as run:
+        test = _build_test(run, dd, src, groups, expect_mode, expected_counts)
+        holdout, val = Holdout(), None
+        if val_folders:
+            train_idx = [g.index for g in groups if g.subset in ("train", None)]
+            if not train_idx:
+                raise UserError("--val-folders needs training images, and DST holds none")
+            (fc,) = run.compute(dd.from_map(_folder_part, train_idx, args=[src], label="folder-counts",
+                                            meta=pd.DataFrame({"folder": pd.Series([], dtype="int64"),
+                                                               "n": pd.Series([], dtype="int64")}))
+                                .groupby("folder")["n"].sum(split_out=1))
+            holdout = choose_holdout({int(k): int(v) for k, v in fc.items()}, val_folders, seed, val_block,
+                                     val_distractors)
+            val = _build_val(run, dd, src, groups, holdout, seed)
+        findings = test.findings + (val.findings if val else [])
+        for f in findings:
+            log.warning("split: %s", f.line())
+        if findings and strict:
+            raise UserError(f"{len(findings)} split invariant(s) broken (--strict; nothing written): "
+                            + " | ".join(f.line() for f in findings[:3]))
+        _write_split(dst, run, [test] + ([val] if val else []))
+    bags_kept, bags_total = _bag_counts(dst, holdout.excluded())
+    dst.write_atomic(manifests.relpath("holdout"), _parquet_bytes(holdout.table()))
+    summary = {
+        "version": SUMMARY_VERSION,
+        "images": {"rows": md.num_rows, "row_groups": len(groups), "bytes": info.get("size")},
+        "expected": {"mode": expect_mode, "queries": expected_counts[0] if expected_counts else None,
+                     "gallery": expected_counts[1] if expected_counts else None},
+        "splits": {"test": test.counts, **({"val": val.counts} if val else {})},
+        "val": {"folders": val_folders, "seed": seed, "block": val_block, "guard": GUARD,
+                "distractor_fraction": val_distractors, "blocks": [list(b) for b in holdout.blocks],
+                "query_folders": list(holdout.query), "distractor_folders": list(holdout.distractor),
+                "guard_folders": list(holdout.guard)},
+        "training_bags": {"kept": bags_kept, "excluded": bags_total - bags_kept},
+        "findings": [f.as_dict() for f in findings],
+        "ok": not findings,
+        "manifests": {t: manifests.relpath(t) for t in ("split", "holdout")},
+    }
+    dst.write_atomic(SPLIT_SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())
+    return summary
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _write_split(dst: Storage, run: _Runner, built: list[_Built]) -> None:
+    schema = manifests.schema("split")
+    with dst.open_atomic(manifests.relpath("split")) as f:
+        writer = pq.ParquetWriter(f, schema, compression="zstd")
+        buf: list[pa.Table] = []
+        pending, written = 0, False
+        for b in built:
+            for part in run.partitions(b.rows):
+                buf.append(pa.Table.from_pandas(part[schema.names], schema=schema, preserve_index=False))
+                pending += len(part)
+                if pending >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(buf), row_group_size=pending)
+                    buf, pending, written = [], 0, True
+        if pending or not written:
+            writer.write_table(pa.concat_tables(buf) if buf else schema.empty_table(), row_group_size=max(pending, 1))
+        writer.close()
+
+
+# ----------------------------------------------------------------------------- for the trainer
+
+def excluded_folders(dst_url: str, storage_options: dict | None = None) -> set[int]:
+    """Training folders a trainer must skip: held out for val or in a guard band (empty before a split)."""
+    dst = Storage(dst_url, storage_options)
+    rel = manifests.relpath("holdout")
+    if not dst.exists(rel):
+        return set()
+    with dst.open(rel) as f:
+        return set(pq.read_table(f, columns=["folder"])["folder"].to_pylist())
+
+
+def _drop_bags(bags: pa.Table, excluded: set[int]) -> pa.Table:
+    if not excluded or bags.num_rows == 0:
+        return bags
+    ex = pa.array(sorted(excluded), pa.int64())
+    hit = np.zeros(bags.num_rows, dtype=bool)
+    label = bags["label"].combine_chunks()
+    hit[pc.list_parent_indices(label).to_numpy()[pc.is_in(pc.list_flatten(label).cast(pa.int64()), ex)
+                                                 .to_numpy(zero_copy_only=False)]] = True
+    folders = bags["folders"].combine_chunks()
+    names = pc.list_flatten(folders)
+    digits = pc.match_substring_regex(names, r"^\d+$")
+    as_int = pc.if_else(digits, names, "-1").cast(pa.int64())
+    hit[pc.list_parent_indices(folders).to_numpy()[pc.is_in(as_int, ex).to_numpy(zero_copy_only=False)]] = True
+    return bags.filter(pa.array(~hit))
+
+
+def training_bags(dst_url: str, storage_options: dict | None = None) -> pa.Table:
+    """``bags.parquet`` without every bag whose label or folders touch a held-out or guard folder."""
+    dst = Storage(dst_url, storage_options)
+    with dst.open(manifests.relpath("bags")) as f:
+        bags = pq.read_table(f)
+    return _drop_bags(bags, excluded_folders(dst_url, storage_options))
+
+
+def _bag_counts(dst: Storage, excluded: set[int]) -> tuple[int, int]:
+    rel = manifests.relpath("bags")
+    if not dst.exists(rel):
+        return 0, 0
+    with dst.open(rel) as f:
+        bags = pq.read_table(f)
+    return _drop_bags(bags, excluded).num_rows, bags.num_rows
