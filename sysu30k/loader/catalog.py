@@ -1,0 +1,81 @@
+"""What a loader can read: the packed images of a subset, grouped by shard, from the manifests.
+
+Training folders held out for validation (see ``sysu30k split``) are dropped here, so no later stage
+can see them. Shards are dealt to streams (one per DDP rank × DataLoader worker) as contiguous blocks
+balanced by image count: a stream reads its shards whole and in order, and bags, which are runs of
+consecutive folders, mostly stay inside one stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import manifests
+from ..errors import UserError
+from ..storage import Storage
+
+COLUMNS = ["key", "shard", "offset", "size", "sha256", "folder", "pid", "camid", "distractor"]
+
+
+@dataclass(frozen=True)
+class ShardEntries:
+    """The images of one shard, in tar order, as parallel arrays."""
+
+    shard: str
+    key: list[str]
+    offset: np.ndarray          # int64, data offset in the tar
+    size: np.ndarray            # int64
+    sha256: list[str]
+    folder: np.ndarray          # int32 folder id (training) or -1
+    pid: np.ndarray             # int32 identity (test) or -1
+    camid: np.ndarray           # int8 camera (test) or -1
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+def _fill(col, value):
+    return pc.fill_null(col, value).to_numpy(zero_copy_only=False)
+
+
+def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = frozenset()) -> list[ShardEntries]:
+    """Shards of ``subset`` with their images, in packing order, without ``exclude_folders``."""
+    rel = manifests.relpath("images")
+    if not dst.exists(rel):
+        raise UserError(f"{dst.url} has no {rel}: run `sysu30k shard` first")
+    with dst.open(rel) as f:
+        table = pq.read_table(f, columns=COLUMNS, filters=[("subset", "=", subset)])
+    if exclude_folders:
+        keep = pc.invert(pc.is_in(table["folder"], value_set=np.array(sorted(exclude_folders), dtype=np.int32)))
+        table = table.filter(pc.fill_null(keep, True))
+    out = []
+    shard_col = table["shard"].to_numpy(zero_copy_only=False)
+    if len(shard_col) == 0:
+        return out
+    bounds = np.flatnonzero(shard_col[1:] != shard_col[:-1]) + 1
+    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(shard_col)]])
+    key, sha = table["key"].to_pylist(), table["sha256"].to_pylist()
+    offset, size = table["offset"].to_numpy(), table["size"].to_numpy()
+    folder, pid, camid = _fill(table["folder"], -1), _fill(table["pid"], -1), _fill(table["camid"], -1)
+    for a, b in zip(starts, ends):
+        out.append(ShardEntries(str(shard_col[a]), key[a:b], offset[a:b], size[a:b], sha[a:b],
+                                folder[a:b].astype(np.int32), pid[a:b].astype(np.int32), camid[a:b].astype(np.int8)))
+    return out
+
+
+def assign_streams(shards: list[ShardEntries], streams: int) -> list[list[int]]:
+    """Shard indices of each stream: contiguous blocks with about the same number of images.
+
+    With fewer shards than streams some streams get none; they then emit only padding batches, so
+    pack with a --shard-size that gives several shards per stream.
+    """
+    cum = np.concatenate([[0], np.cumsum([len(s) for s in shards])])
+    cuts = [0]
+    for i in range(1, streams):
+        cuts.append(int(np.clip(np.searchsorted(cum, cum[-1] * i / streams), cuts[-1], len(shards))))
+    cuts.append(len(shards))
+    return [list(range(cuts[i], cuts[i + 1])) for i in range(streams)]

@@ -1,0 +1,315 @@
+"""The loader API used by the trainer and the evaluator.
+
+``TrainLoader`` yields bag-structured batches for one epoch at a time; ``EvalLoader`` yields the images of
+a test or validation subset in order. Both read whole shards per stream (one stream per DDP rank ×
+DataLoader worker), decode with Pillow-SIMD in the workers or with DALI (GPU ``mixed`` decoding when
+CUDA is present, the same graph on the CPU otherwise), and hand out :class:`Batch` objects whose images
+are uint8 NCHW until ``Batch.to`` moves and normalises them on the training device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..storage import Storage
+from ..tuning import tune_malloc
+from . import decode_pil
+from .catalog import ShardEntries, assign_streams, load_catalog
+from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
+from .shards import ShardReader, member
+from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params
+
+log = logging.getLogger("sysu30k")
+DECODERS = ("auto", "pil", "dali")
+
+
+@dataclass
+class Batch:
+    """One batch. ``images`` is uint8 [N,3,H,W] (channels-last memory) until :meth:`to` normalises it."""
+
+    images: torch.Tensor
+    keys: list[str]
+    valid: torch.Tensor                       # bool [N]: False for padding slots and damaged images
+    folder: torch.Tensor                      # int64 [N]: training folder id, -1 for test images
+    bag: torch.Tensor | None = None           # int64 [N]: bag index within the batch
+    bag_labels: torch.Tensor | None = None    # int64 [N, L]: folder ids of the image's bag, -1 padded
+    pid: torch.Tensor | None = None           # int64 [N]: test identity
+    camid: torch.Tensor | None = None         # int64 [N]
+    flipped: torch.Tensor | None = None       # uint8 [N,3,H,W]: the horizontally flipped copy (eval)
+    damaged: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Batch":
+        """Move to ``device``; float dtypes are normalised with the ImageNet mean and std."""
+        def norm(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            x = x.to(device, non_blocking=True)
+            if dtype == torch.uint8:
+                return x
+            mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
+            std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
+            return ((x.float() - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items() if k not in ("images", "flipped")}
+        return Batch(images=norm(self.images), flipped=norm(self.flipped), **moved)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How to read: decoder, processes, prefetching, the DDP position, storage options."""
+
+    decoder: str = "auto"
+    workers: int = 2
+    prefetch_shards: int = 2
+    cache_dir: str | None = None
+    rank: int = 0
+    world: int = 1
+    storage_options: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+def resolve_decoder(name: str) -> str:
+    """``auto``: DALI when it can decode on a GPU, else Pillow-SIMD (faster than DALI on the CPU)."""
+    if name not in DECODERS:
+        from ..errors import UserError
+
+        raise UserError(f"--decoder must be one of {', '.join(DECODERS)}")
+    if name != "auto":
+        return name
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "pil"
+    return "dali" if torch.cuda.is_available() else "pil"
+
+
+def _to_nchw(images: torch.Tensor) -> torch.Tensor:
+    """[N,H,W,3] uint8 as an [N,3,H,W] tensor in channels-last memory (no copy)."""
+    return images.permute(0, 3, 1, 2)
+
+
+def _as_is(batch: dict) -> dict:
+    """DataLoader collate: batches are whole already (image tensors travel through shared memory)."""
+    return batch
+
+
+class _Materializer:
+    """Turns a batch plan into arrays in a worker: reads member bytes, checks sha256, decodes."""
+
+    def __init__(self, dst_url: str, options: dict, catalog: list[ShardEntries], order: list[int],
+                 spec: TransformSpec, raw: bool, prefetch: int, cache_dir: str | None):
+        self.catalog, self.spec, self.raw = catalog, spec, raw
+        self.position = {c: i for i, c in enumerate(order)}
+        self.reader = ShardReader(Storage(dst_url, options), [catalog[c].shard for c in order], prefetch, cache_dir)
+
+    def payloads(self, shard: np.ndarray, row: np.ndarray) -> list[bytes | None]:
+        out = []
+        for s, r in zip(shard.tolist(), row.tolist()):
+            if s not in self.position:                 # padding of a stream with no shards
+                out.append(None)
+                continue
+            e = self.catalog[s]
+            out.append(member(self.reader.get(self.position[s]), int(e.offset[r]), int(e.size[r]), e.sha256[r]))
+        if self.position:
+            first = min((self.position[s] for s in shard.tolist() if s in self.position), default=0)
+            self.reader.release_before(first)
+        return out
+
+    def decode(self, datas: list[bytes | None], params: AugParams, keys: list[str]) -> tuple[np.ndarray, list[str]]:
+        images = np.zeros((len(datas), self.spec.height, self.spec.width, 3), np.uint8)
+        damaged = []
+        for i, data in enumerate(datas):
+            if data is None:
+                continue
+            try:
+                images[i] = apply_numpy(decode_pil.decode(data, self.spec), i, params, self.spec)
+            except Exception:  # a member that no longer decodes: skipped and reported, never fatal
+                damaged.append(keys[i])
+        return images, damaged
+
+
+class _TrainStreams(torch.utils.data.IterableDataset):
+    """The streams of one rank; each DataLoader worker iterates its own stream."""
+
+    def __init__(self, loader: "TrainLoader", epoch: int, skips: list[int]):
+        self.l, self.epoch, self.skips = loader, epoch, skips
+
+    def __iter__(self) -> Iterator[dict]:
+        tune_malloc()
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        l = self.l
+        sid = l.options.rank * l.n_workers + w
+        order = l.streams[sid]
+        rng = np.random.default_rng([l.options.seed, self.epoch, sid])
+        mat = _Materializer(l.dst_url, l.options.storage_options, l.catalog, order, l.transform, l.raw,
+                            l.options.prefetch_shards, l.options.cache_dir)
+        try:
+            for b, plan in enumerate(plan_epoch(l.catalog, order, l.bags, rng, l.targets[sid])):
+                params = draw_params(len(plan.valid), l.transform, rng)
+                if b < self.skips[w]:
+                    continue
+                yield self._batch(plan, params, mat)
+        finally:
+            mat.reader.close()
+
+    def _batch(self, plan: BatchPlan, params: AugParams, mat: _Materializer) -> dict:
+        cat = self.l.catalog
+        keys = [cat[s].key[r] for s, r in zip(plan.shard.tolist(), plan.row.tolist())]
+        datas = mat.payloads(plan.shard, plan.row) if plan.valid.any() else [None] * len(keys)
+        bad = {keys[i] for i, d in enumerate(datas) if d is None and plan.valid[i]}
+        valid = plan.valid & np.array([d is not None for d in datas])
+        width = max(1, max((len(x) for x in plan.labels), default=1))
+        labels = np.full((len(plan.labels) or 1, width), -1, np.int64)
+        for i, lab in enumerate(plan.labels):
+            labels[i, :len(lab)] = lab
+        out = {"keys": keys, "valid": valid, "bag": plan.bag.astype(np.int64),
+               "bag_labels": labels[plan.bag], "params": params,
+               "folder": np.array([cat[s].folder[r] for s, r in zip(plan.shard.tolist(), plan.row.tolist())],
+                                  np.int64)}
+        if mat.raw:
+            out["datas"] = datas
+        else:
+            images, damaged = mat.decode(datas, params, keys)
+            out["images"] = torch.from_numpy(images)
+            bad |= set(damaged)
+            out["valid"] = valid & np.array([k not in damaged for k in keys])
+        out["damaged"] = sorted(bad)
+        return out
+
+
+class TrainLoader:
+    """Bag-structured training batches from DST, one epoch per iteration, resumable mid-epoch."""
+
+    def __init__(self, dst_url: str, bags: BagSpec = BagSpec(), transform: TransformSpec = TransformSpec(),
+                 options: LoaderOptions = LoaderOptions(), exclude_folders: frozenset[int] = frozenset()):
+        self.dst_url, self.bags, self.transform, self.options = dst_url, bags, transform, options
+        self.decoder = resolve_decoder(options.decoder)
+        self.raw = self.decoder == "dali"
+        self.catalog = load_catalog(Storage(dst_url, options.storage_options), "train", exclude_folders)
+        self.n_workers = max(1, options.workers)
+        self.streams = assign_streams(self.catalog, options.world * self.n_workers)
+        counts = [batches_for(sum(len(self.catalog[i]) for i in s), bags) for s in self.streams]
+        per_rank = [sum(counts[r * self.n_workers:(r + 1) * self.n_workers]) for r in range(options.world)]
+        self.targets = list(counts)
+        for r, c in enumerate(per_rank):            # every rank yields the same number of batches
+            self.targets[r * self.n_workers] += max(per_rank) - c
+        self.batches_per_epoch = max(per_rank) if per_rank else 0
+        self.epoch, self.consumed = 0, 0
+        self.damaged: list[str] = []
+        self._dali = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> dict:
+        """Where the loader is: restoring it continues the epoch with the very next batch."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.options.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    def _worker_skips(self) -> list[int]:
+        """Batches each worker already delivered, given the DataLoader's round-robin over workers."""
+        own = self.targets[self.options.rank * self.n_workers:(self.options.rank + 1) * self.n_workers]
+        skips, w, left = [0] * self.n_workers, 0, self.consumed
+        while left > 0:
+            if skips[w] < own[w]:
+                skips[w] += 1
+                left -= 1
+            w = (w + 1) % self.n_workers
+        return skips
+
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = _TrainStreams(self, self.epoch, self._worker_skips())
+        workers = self.options.workers
+        data = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                           prefetch_factor=4 if workers else None, persistent_workers=False)
+        if self.consumed == 0:
+            self.damaged = []
+        for raw in data:
+            batch = self._finish(raw)
+            self.consumed += 1
+            self.damaged += batch.damaged
+            yield batch
+        if self.damaged:
+            log.warning("epoch %d: skipped %d damaged image(s): %s", self.epoch, len(self.damaged),
+                        ", ".join(self.damaged[:10]) + (" ..." if len(self.damaged) > 10 else ""))
+
+    def _finish(self, raw: dict) -> Batch:
+        if self.raw:
+            from .decode_dali import DaliDecoder
+
+            if self._dali is None:
+                self._dali = DaliDecoder(self.transform, self.bags.batch_size)
+            images, failed = self._dali.decode(raw["datas"], raw["params"], raw["keys"])
+            raw["damaged"] = sorted(set(raw["damaged"]) | set(failed))
+            raw["valid"] = raw["valid"] & np.array([k not in failed for k in raw["keys"]])
+        else:
+            images = _to_nchw(raw["images"])
+        return Batch(images=images, keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
+                     folder=torch.from_numpy(raw["folder"]), bag=torch.from_numpy(raw["bag"]),
+                     bag_labels=torch.from_numpy(raw["bag_labels"]), damaged=raw["damaged"])
+
+
+class EvalLoader:
+    """The images of one subset (query, gallery, or train for feature extraction) in manifest order."""
+
+    def __init__(self, dst_url: str, subset: str, batch_size: int = 128,
+                 transform: TransformSpec = TransformSpec(train=False), options: LoaderOptions = LoaderOptions(),
+                 flip: bool = True, exclude_folders: frozenset[int] = frozenset()):
+        self.dst_url, self.batch_size, self.options, self.flip = dst_url, batch_size, options, flip
+        self.transform = replace(transform, train=False)
+        self.catalog = load_catalog(Storage(dst_url, options.storage_options), subset, exclude_folders)
+        self.streams = assign_streams(self.catalog, max(1, options.workers))
+
+    def __len__(self) -> int:
+        return sum(batches_for(sum(len(self.catalog[i]) for i in s), BagSpec(1, self.batch_size))
+                   for s in self.streams)
+
+    def __iter__(self) -> Iterator[Batch]:
+        data = torch.utils.data.DataLoader(_EvalStreams(self), batch_size=None, num_workers=self.options.workers,
+                                           collate_fn=_as_is, prefetch_factor=4 if self.options.workers else None)
+        for raw in data:
+            images = raw["images"]
+            yield Batch(images=_to_nchw(images), keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
+                        folder=torch.from_numpy(raw["folder"]), pid=torch.from_numpy(raw["pid"]),
+                        camid=torch.from_numpy(raw["camid"]),
+                        flipped=_to_nchw(images.flip(2)) if self.flip else None, damaged=raw["damaged"])
+
+
+class _EvalStreams(torch.utils.data.IterableDataset):
+    def __init__(self, loader: EvalLoader):
+        self.l = loader
+
+    def __iter__(self) -> Iterator[dict]:
+        tune_malloc()
+        info = torch.utils.data.get_worker_info()
+        l = self.l
+        order = l.streams[info.id if info is not None else 0]
+        mat = _Materializer(l.dst_url, l.options.storage_options, l.catalog, order, l.transform, False,
+                            l.options.prefetch_shards, l.options.cache_dir)
+        rows = [(s, r) for s in order for r in range(len(l.catalog[s]))]
+        params = draw_params(l.batch_size, l.transform, np.random.default_rng(0))
+        try:
+            for i in range(0, len(rows), l.batch_size):
+                chunk = np.array(rows[i:i + l.batch_size], np.int32)
+                shard, row = chunk[:, 0], chunk[:, 1]
+                keys = [l.catalog[s].key[r] for s, r in zip(shard.tolist(), row.tolist())]
+                datas = mat.payloads(shard, row)
+                images, damaged = mat.decode(datas, params, keys)
+                bad = set(damaged) | {k for k, d in zip(keys, datas) if d is None}
+                pick = lambda col: np.array([getattr(l.catalog[s], col)[r] for s, r in zip(shard, row)], np.int64)
+                yield {"images": torch.from_numpy(images), "keys": keys, "valid": np.array([k not in bad for k in keys]),
+                       "folder": pick("folder"), "pid": pick("pid"), "camid": pick("camid"), "damaged": sorted(bad)}
+        finally:
+            mat.reader.close()
