@@ -16,7 +16,6 @@ import s3fs
 
 from conftest import tree_digest
 from faultproxy import FaultProxy
-from s3server import SeaweedS3
 from sysu30k.errors import UserError
 from sysu30k.imageproc import ImageOptions
 from sysu30k.plan import ShardingOptions
@@ -25,22 +24,6 @@ from sysu30k.shard import ShardJob, run_shard
 
 JOB = ShardJob(ShardingOptions(shard_count=4), ImageOptions(resize=100))
 CLI_JOB = ["--shard-count", "4", "--resize", "100"]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = SeaweedS3(tmp_path_factory.mktemp("weed"))
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture

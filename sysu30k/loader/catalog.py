@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -50,7 +51,8 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
     with dst.open(rel) as f:
         table = pq.read_table(f, columns=COLUMNS, filters=[("subset", "=", subset)])
     if exclude_folders:
-        keep = pc.invert(pc.is_in(table["folder"], value_set=np.array(sorted(exclude_folders), dtype=np.int32)))
+        held = pa.array(sorted(exclude_folders), type=pa.int32())
+        keep = pc.invert(pc.is_in(table["folder"], value_set=held))
         table = table.filter(pc.fill_null(keep, True))
     out = []
     shard_col = table["shard"].to_numpy(zero_copy_only=False)

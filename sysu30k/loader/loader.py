@@ -137,14 +137,14 @@ class _Materializer:
 class _TrainStreams(torch.utils.data.IterableDataset):
     """The streams of one rank; each DataLoader worker iterates its own stream."""
 
-    def __init__(self, loader: "TrainLoader", epoch: int, skips: list[int]):
-        self.l, self.epoch, self.skips = loader, epoch, skips
+    def __init__(self, loader: "TrainLoader", epoch: int, skips: list[int], rotate: int):
+        self.l, self.epoch, self.skips, self.rotate = loader, epoch, skips, rotate
 
     def __iter__(self) -> Iterator[dict]:
         tune_malloc()
         info = torch.utils.data.get_worker_info()
-        w = info.id if info is not None else 0
         l = self.l
+        w = ((info.id if info is not None else 0) + self.rotate) % l.n_workers
         sid = l.options.rank * l.n_workers + w
         order = l.streams[sid]
         rng = np.random.default_rng([l.options.seed, self.epoch, sid])
@@ -218,8 +218,9 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
-    def _worker_skips(self) -> list[int]:
-        """Batches each worker already delivered, given the DataLoader's round-robin over workers."""
+    def _worker_skips(self) -> tuple[list[int], int]:
+        """Batches each stream already delivered, given the DataLoader's round-robin over workers, and
+        the stream whose turn is next (it becomes worker 0 of the resumed DataLoader)."""
         own = self.targets[self.options.rank * self.n_workers:(self.options.rank + 1) * self.n_workers]
         skips, w, left = [0] * self.n_workers, 0, self.consumed
         while left > 0:
@@ -227,10 +228,10 @@ class TrainLoader:
                 skips[w] += 1
                 left -= 1
             w = (w + 1) % self.n_workers
-        return skips
+        return skips, w
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _TrainStreams(self, self.epoch, self._worker_skips())
+        dataset = _TrainStreams(self, self.epoch, *self._worker_skips())
         workers = self.options.workers
         data = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
                                            prefetch_factor=4 if workers else None, persistent_workers=False)

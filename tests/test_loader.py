@@ -1,0 +1,176 @@
+"""The loader: bag-structured batches, exactly-once epochs across ranks and workers, resume, decoders
+that agree, streaming from S3, and damaged members skipped and reported."""
+
+import collections
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sysu30k.loader import BagSpec, EvalLoader, LoaderOptions, TrainLoader, TransformSpec
+from sysu30k.loader.catalog import ShardEntries, assign_streams
+from sysu30k.loader.sampler import batches_for, plan_epoch
+from sysu30k.plan import ShardingOptions
+from sysu30k.shard import ShardJob, run_shard
+
+SPEC = BagSpec(bags=6, per_bag=5)                  # small batches: several per epoch on the test data
+SMALL = TransformSpec(height=64, width=32, pad=4)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from sysu30k.synth import SynthConfig, write_synth
+
+    root = tmp_path_factory.mktemp("loader")
+    write_synth(str(root / "raw"), SynthConfig(folders=24, images_per_folder=10, test_ids=6, distractors=10,
+                                               height=144, seed=5), workers=2)
+    run_shard(str(root / "raw"), str(root / "dst"), ShardJob(ShardingOptions(shard_count=24)), show_progress=False)
+    return root / "dst"
+
+
+def train_keys(dst) -> dict[str, int]:
+    table = pq.read_table(dst / "manifests/images.parquet", filters=[("subset", "=", "train")])
+    return dict(zip(table["key"].to_pylist(), table["folder"].to_pylist()))
+
+
+def epoch(loader) -> list:
+    return [(b.keys, b.valid.clone(), b.bag.clone(), b.bag_labels.clone(), b.images.clone()) for b in loader]
+
+
+def test_sampler_visits_each_image_once_with_predictable_batch_counts():
+    rng = np.random.default_rng(1)
+    folders = np.repeat(np.arange(1, 41), rng.integers(1, 30, 40)).astype(np.int32)
+    catalog = [ShardEntries(f"s{i}", [f"k{i + j}" for j in range(len(f))], np.zeros(len(f)), np.zeros(len(f)),
+                            [""] * len(f), f, np.zeros(len(f), np.int32), np.zeros(len(f), np.int8))
+               for i in range(0, len(folders), 37) for f in [folders[i:i + 37]]]
+    seen = collections.Counter()
+    for order in assign_streams(catalog, 3):
+        n = sum(len(catalog[i]) for i in order)
+        plans = list(plan_epoch(catalog, order, SPEC, np.random.default_rng(0)))
+        assert len(plans) == batches_for(n, SPEC)
+        for p in plans[:-1]:                                           # all bags full but in the last batch
+            assert p.valid.all() and np.bincount(p.bag, minlength=SPEC.bags).tolist() == [SPEC.per_bag] * SPEC.bags
+        for p in plans:
+            for s, r, b, v in zip(p.shard, p.row, p.bag, p.valid):
+                if v:
+                    seen[(s, r)] += 1
+                    assert catalog[s].folder[r] in p.labels[b]
+    assert len(seen) == len(folders) and set(seen.values()) == {1}
+
+
+def test_bag_batches_respect_bags_and_labels(packed):
+    truth = train_keys(packed)
+    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(decoder="pil", workers=0))
+    batches = list(loader)
+    assert len(batches) == len(loader) == batches_for(len(truth), SPEC)
+    windows = collections.Counter()
+    for b in batches:
+        assert b.images.shape == (SPEC.batch_size, 3, 64, 32) and b.images.dtype == torch.uint8
+        for key, valid, bag, labels, folder in zip(b.keys, b.valid, b.bag, b.bag_labels, b.folder):
+            assert int(folder) == truth[key]
+            if valid:
+                assert int(folder) in labels.tolist()                 # the image's folder is in its bag's label
+        for bag in range(SPEC.bags):
+            labels = [x for x in b.bag_labels[b.bag == bag][:1].flatten().tolist() if x >= 0]
+            if labels:
+                windows[len(labels)] += 1
+                assert max(labels) - min(labels) <= 4 + 2               # a window of <= 5 consecutive folders
+    assert windows[1] and windows[3] and windows[5]                  # 1-, 3- and 5-folder bags are mixed
+
+
+def test_two_ranks_two_workers_visit_each_image_exactly_once(packed):
+    truth = train_keys(packed)
+    seen, lengths = collections.Counter(), []
+    for rank in range(2):
+        loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(decoder="pil", workers=2, rank=rank, world=2))
+        batches = list(loader)
+        lengths.append(len(batches))
+        assert len(batches) == len(loader)
+        for b in batches:
+            seen.update(k for k, v in zip(b.keys, b.valid.tolist()) if v)
+    assert lengths[0] == lengths[1]                                   # no DDP hang
+    assert set(seen) == set(truth) and set(seen.values()) == {1}
+
+
+def test_epochs_differ_and_mid_epoch_resume_continues_the_same_order(packed):
+    opts = LoaderOptions(decoder="pil", workers=2, seed=7)
+    full = TrainLoader(str(packed), SPEC, SMALL, opts)
+    reference = epoch(full)
+    assert len(reference) >= 4
+    first = TrainLoader(str(packed), SPEC, SMALL, opts)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    resumed = TrainLoader(str(packed), SPEC, SMALL, opts)
+    resumed.load_state_dict(state)
+    tail = epoch(resumed)
+    got = [b.keys for b in head] + [t[0] for t in tail]
+    assert got == [r[0] for r in reference]
+    assert torch.equal(tail[0][4], reference[3][4])                   # same augmentation too
+    full.set_epoch(1)
+    assert [b.keys for b in full] != [r[0] for r in reference]
+
+
+@pytest.mark.parametrize("size, tolerance", [((144, 72), 0), ((256, 128), 1)], ids=["native", "default-256x128"])
+def test_decoders_agree_on_the_same_keys(packed, size, tolerance):
+    spec = TransformSpec(height=size[0], width=size[1], pad=4)
+    pil = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(decoder="pil", workers=0, seed=2)))
+    dali = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(decoder="dali", workers=0, seed=2)))
+    assert [p[0] for p in pil] == [d[0] for d in dali]
+    assert any(p[4].float().std() > 10 for p in pil)
+    diff = max(float((p[4].int() - d[4].int()).abs().max()) for p, d in zip(pil, dali))
+    assert diff <= tolerance                                          # same crops, flips, erasing; rounding only
+
+
+def test_eval_batches_carry_a_flipped_copy(packed):
+    ev_pil = next(iter(EvalLoader(str(packed), "gallery", 8, SMALL, LoaderOptions(workers=0))))
+    assert ev_pil.images.shape == (8, 3, 64, 32) and torch.equal(ev_pil.flipped, ev_pil.images.flip(3))
+
+
+def test_eval_loader_reads_every_test_image_in_order(packed):
+    table = pq.read_table(packed / "manifests/images.parquet", filters=[("subset", "=", "gallery")])
+    batches = list(EvalLoader(str(packed), "gallery", 7, SMALL, LoaderOptions(workers=2)))
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == sorted(table["key"].to_pylist())
+    pids = {k: int(p) for b in batches for k, p in zip(b.keys, b.pid)}
+    assert pids == dict(zip(table["key"].to_pylist(), table["pid"].to_pylist()))
+
+
+def test_held_out_folders_never_reach_training(packed):
+    held = frozenset({3, 4, 5, 17})
+    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(workers=0), exclude_folders=held)
+    for b in loader:
+        assert not set(b.folder.tolist()) & held
+        assert not set(b.bag_labels.flatten().tolist()) & held
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_damaged_member_is_skipped_and_reported(packed, tmp_path, decoder):
+    dst = tmp_path / "dst"
+    shutil.copytree(packed, dst)
+    row = pq.read_table(dst / "manifests/images.parquet", filters=[("subset", "=", "train")]).slice(5, 1).to_pylist()[0]
+    with open(dst / "shards" / f"{row['shard']}.tar", "r+b") as f:
+        f.seek(row["offset"] + row["size"] // 2)
+        f.write(b"\x00\x11\x22\x33")
+    loader = TrainLoader(str(dst), SPEC, SMALL, LoaderOptions(decoder=decoder, workers=0))
+    seen = collections.Counter()
+    for b in loader:
+        seen.update(k for k, v in zip(b.keys, b.valid.tolist()) if v)
+    assert loader.damaged == [row["key"]]
+    assert row["key"] not in seen and len(seen) == len(train_keys(packed)) - 1
+
+
+def test_streams_from_s3_like_local_files(s3, packed, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("loader")
+    fs.put(str(packed) + "/", "loader/dst/", recursive=True)
+    local = epoch(TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(workers=2, seed=4)))
+    for cache in (None, str(tmp_path / "cache")):
+        remote = epoch(TrainLoader("s3://loader/dst", SPEC, SMALL, LoaderOptions(workers=2, seed=4, cache_dir=cache)))
+        assert [r[0] for r in remote] == [x[0] for x in local]
+        assert all(torch.equal(r[4], x[4]) for r, x in zip(remote, local))
+    assert len(list((tmp_path / "cache").glob("*.tar"))) == len(list((packed / "shards").glob("train-*.tar")))
