@@ -131,7 +131,8 @@ def camera_look(style: int, camera: int) -> CameraLook:
     bg_sat = srng.uniform(0.08, 0.45)
     palette = tuple(_hsv(bg_hue + crng.uniform(-0.12, 0.12), bg_sat * crng.uniform(0.5, 1.5), v)
                     for v in np.sort(crng.uniform(0.2, 0.9, size=6)))
-    return CameraLook(gains=tuple(float(g) for g in gains), saturation=srng.uniform(0.7, 1.15), palette=palette)
+    return CameraLook(gains=tuple(float(g) for g in gains), saturation=float(srng.uniform(0.7, 1.15)),
+                      palette=palette)
 
 
 @lru_cache(maxsize=8)
