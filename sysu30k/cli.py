@@ -196,6 +196,35 @@ def split(dst: str, val_folders: int, val_block: int, val_distractors: float, se
                if s["findings"] else f"all invariants hold; manifests in {dst}/manifests/")
 
 
+@cli.command()
+@click.argument("dst")
+@click.option("--out", default="batch.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the PNG.")
+@click.option("--batch", "index", default=0, show_default=True, help="Which batch of the epoch to show.")
+@click.option("--bags", default=12, show_default=True, help="Bags per batch.")
+@click.option("--per-bag", default=15, show_default=True, help="Images per bag.")
+@click.option("--height", default=256, show_default=True)
+@click.option("--width", default=128, show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "pil", "dali"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def peek(dst: str, out: str, index: int, bags: int, per_bag: int, height: int, width: int, decoder: str,
+         seed: int) -> None:
+    """Draw one bag-structured training batch of DST as a PNG: a row per bag, with its weak label."""
+    from .loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
+    from .peek import batch_sheet
+
+    spec = BagSpec(bags=bags, per_bag=per_bag)
+    loader = TrainLoader(dst, spec, TransformSpec(height=height, width=width),
+                         LoaderOptions(decoder=decoder, workers=0, seed=seed))
+    if not 0 <= index < len(loader):
+        raise UserError(f"--batch must be below {len(loader)} (batches per epoch)")
+    loader.load_state_dict({"epoch": 0, "consumed": index})
+    batch = next(iter(loader))
+    batch_sheet(batch, spec).save(out)
+    click.echo(f"wrote {out}: batch {index} of {len(loader)}, {int(batch.valid.sum())} images in {bags} bags "
+               f"({loader.decoder} decoder)")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:

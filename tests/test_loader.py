@@ -174,3 +174,20 @@ def test_streams_from_s3_like_local_files(s3, packed, tmp_path):
         assert [r[0] for r in remote] == [x[0] for x in local]
         assert all(torch.equal(r[4], x[4]) for r, x in zip(remote, local))
     assert len(list((tmp_path / "cache").glob("*.tar"))) == len(list((packed / "shards").glob("train-*.tar")))
+
+
+def test_peek_draws_a_batch_with_one_row_per_bag(packed, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sysu30k.cli import cli
+
+    out = tmp_path / "batch.png"
+    result = CliRunner().invoke(cli, ["peek", str(packed), "--out", str(out), "--bags", "6", "--per-bag", "5",
+                                      "--height", "64", "--width", "32", "--decoder", "pil", "--batch", "1"])
+    assert result.exit_code == 0, result.output
+    sheet = Image.open(out)
+    assert sheet.size == (150 + 5 * (48 + 2), 6 * (96 + 4))
+    assert len(set(sheet.convert("L").getdata())) > 50                 # real pictures, not an empty canvas
+    bad = CliRunner().invoke(cli, ["peek", str(packed), "--out", str(out), "--batch", "999"])
+    assert bad.exit_code != 0 and "--batch must be below" in str(bad.exception or bad.output)

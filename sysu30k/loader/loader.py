@@ -19,7 +19,7 @@ import torch
 from ..storage import Storage
 from ..tuning import tune_malloc
 from . import decode_pil
-from .catalog import ShardEntries, assign_streams, load_catalog
+from .catalog import ShardEntries, assign_streams, held_out_folders, load_catalog
 from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
 from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params
@@ -188,11 +188,14 @@ class TrainLoader:
     """Bag-structured training batches from DST, one epoch per iteration, resumable mid-epoch."""
 
     def __init__(self, dst_url: str, bags: BagSpec = BagSpec(), transform: TransformSpec = TransformSpec(),
-                 options: LoaderOptions = LoaderOptions(), exclude_folders: frozenset[int] = frozenset()):
+                 options: LoaderOptions = LoaderOptions(), exclude_folders: frozenset[int] | None = None):
+        """``exclude_folders`` defaults to the folders ``sysu30k split`` held out for validation."""
         self.dst_url, self.bags, self.transform, self.options = dst_url, bags, transform, options
         self.decoder = resolve_decoder(options.decoder)
         self.raw = self.decoder == "dali"
-        self.catalog = load_catalog(Storage(dst_url, options.storage_options), "train", exclude_folders)
+        dst = Storage(dst_url, options.storage_options)
+        self.excluded = held_out_folders(dst) if exclude_folders is None else exclude_folders
+        self.catalog = load_catalog(dst, "train", self.excluded)
         self.n_workers = max(1, options.workers)
         self.streams = assign_streams(self.catalog, options.world * self.n_workers)
         counts = [batches_for(sum(len(self.catalog[i]) for i in s), bags) for s in self.streams]
