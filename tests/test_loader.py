@@ -191,3 +191,25 @@ def test_peek_draws_a_batch_with_one_row_per_bag(packed, tmp_path):
     assert len(set(sheet.convert("L").getdata())) > 50                 # real pictures, not an empty canvas
     bad = CliRunner().invoke(cli, ["peek", str(packed), "--out", str(out), "--batch", "999"])
     assert bad.exit_code != 0 and "--batch must be below" in str(bad.exception or bad.output)
+
+
+def test_resampling_keeps_exact_windows_and_the_epoch_length():
+    rng = np.random.default_rng(3)
+    folders = np.repeat(np.arange(1, 31), rng.integers(1, 12, 30)).astype(np.int32)
+    catalog = [ShardEntries("s0", [f"k{j}" for j in range(len(folders))], np.zeros(len(folders)),
+                            np.zeros(len(folders)), [""] * len(folders), folders,
+                            np.zeros(len(folders), np.int32), np.zeros(len(folders), np.int8))]
+    spec = BagSpec(bags=6, per_bag=6, resample=True)
+    n = batches_for(len(folders), spec)
+    plans = list(plan_epoch(catalog, [0], spec, np.random.default_rng(0), n_batches=n + 3))
+    assert len(plans) == n + 3 and all(p.valid.all() for p in plans)
+    sizes = collections.Counter()
+    for p in plans:
+        for bag, labels in enumerate(p.labels):
+            rows = p.row[p.bag == bag]
+            assert len(rows) == spec.per_bag and set(folders[rows].tolist()) <= set(labels)
+            assert max(labels) - min(labels) <= 4                     # never widened beyond its window
+            sizes[len(labels)] += 1
+    assert sizes[1] and sizes[3] and sizes[5]
+    counts = collections.Counter(int(r) for p in plans for r in p.row)
+    assert max(counts.values()) > 1                                   # images repeat when resampling

@@ -33,6 +33,7 @@ class BagSpec:
     per_bag: int = 15
     modes: tuple[int, ...] = (1, 3, 5)
     buffer_shards: int = 2
+    resample: bool = False        # exact windows, images may repeat; the epoch keeps its length
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +64,7 @@ class _Pools:
         self.next = 0
         self.buffer: deque[tuple[int, set[int]]] = deque()     # (shard index, its folders)
         self.pool: dict[int, list[tuple[int, int]]] = {}
+        self.seen: dict[int, list[tuple[int, int]]] = {}       # every buffered image by folder (resampling)
         self.left = sum(len(catalog[i]) for i in order)
 
     def load(self) -> bool:
@@ -75,6 +77,7 @@ class _Pools:
         for f in touched:
             rows = np.flatnonzero(folders == f)
             self.pool.setdefault(f, []).extend((s, int(r)) for r in rows)
+            self.seen.setdefault(f, []).extend((s, int(r)) for r in rows)
             self.rng.shuffle(self.pool[f])
         self.buffer.append((s, touched))
         return True
@@ -94,6 +97,9 @@ class _Pools:
             if cands:
                 return cands
             self.buffer.popleft()
+            for f in folders:
+                if f not in self.pool and all(f not in fs for _, fs in self.buffer):
+                    self.seen.pop(f, None)
 
     def take(self, folder: int, n: int) -> list[tuple[int, int]]:
         rows = self.pool[folder]
@@ -105,16 +111,20 @@ class _Pools:
         return got
 
 
-def _fill_bag(pools: _Pools, anchor: int, mode: int, k: int) -> list[tuple[int, int, int]]:
+def _fill_bag(pools: _Pools, anchor: int, mode: int, k: int, resample: bool) -> list[tuple[int, int, int]]:
     """K images (shard, row, folder) for a bag of ``mode`` folders around ``anchor``."""
-    live = pools.live()
+    live = sorted(pools.seen) if resample else pools.live()
     window = [f for f in live if abs(f - anchor) <= mode // 2]
     quota = {f: k // len(window) for f in window}
     for f in sorted(window, key=lambda f: abs(f - anchor))[: k % len(window)]:
         quota[f] += 1
     picks: list[tuple[int, int, int]] = []
     for f in window:
-        picks += [(s, r, f) for s, r in pools.take(f, min(quota[f], len(pools.pool[f])))]
+        fresh = pools.take(f, min(quota[f], len(pools.pool.get(f, ())))) if f in pools.pool else []
+        if resample and len(fresh) < quota[f]:          # the window stays exact: draw this folder again
+            again = pools.rng.integers(len(pools.seen[f]), size=quota[f] - len(fresh))
+            fresh += [pools.seen[f][int(i)] for i in again]
+        picks += [(s, r, f) for s, r in fresh]
     while len(picks) < k:                                # window ran dry: nearest folders with images
         live = pools.live()
         if not live:
@@ -128,19 +138,26 @@ def _fill_bag(pools: _Pools, anchor: int, mode: int, k: int) -> list[tuple[int, 
 
 def plan_epoch(catalog: list[ShardEntries], order: list[int], spec: BagSpec, rng: np.random.Generator,
                n_batches: int | None = None) -> Iterator[BatchPlan]:
-    """The batch plans of one stream for one epoch (``n_batches`` pads the stream up to that count)."""
+    """The batch plans of one stream for one epoch (``n_batches`` pads the stream up to that count).
+
+    With ``spec.resample`` the epoch is exactly ``n_batches`` long and starts a new pass over the
+    stream whenever it has seen every image."""
     pools = _Pools(catalog, order, rng)
     produced = 0
-    while pools.left > 0:
+    total = n_batches if n_batches is not None else batches_for(pools.left, spec)
+    while (produced < total and pools.left > 0) if spec.resample else pools.left > 0:
         modes = [spec.modes[i % len(spec.modes)] for i in range(spec.bags)]
         rng.shuffle(modes)
         slots: list[tuple[int, int, int]] = []
         labels: list[tuple[int, ...]] = []
         for mode in modes:
             cands = pools.anchor_candidates(spec.buffer_shards)
+            if not cands and spec.resample:             # every image seen: a new pass over the stream
+                pools = _Pools(catalog, order, rng)
+                cands = pools.anchor_candidates(spec.buffer_shards)
             if not cands:
                 break
-            picks = _fill_bag(pools, cands[int(rng.integers(len(cands)))], mode, spec.per_bag)
+            picks = _fill_bag(pools, cands[int(rng.integers(len(cands)))], mode, spec.per_bag, spec.resample)
             slots += [(s, r, len(labels)) for s, r, _ in picks]
             labels.append(tuple(sorted({f for _, _, f in picks})))
         yield _finish(slots, labels, spec)
