@@ -62,7 +62,7 @@ def test_sampler_visits_each_image_once_with_predictable_batch_counts():
 
 def test_bag_batches_respect_bags_and_labels(packed):
     truth = train_keys(packed)
-    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(decoder="pil", workers=0))
+    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, decoder="pil", workers=0))
     batches = list(loader)
     assert len(batches) == len(loader) == batches_for(len(truth), SPEC)
     windows = collections.Counter()
@@ -84,7 +84,7 @@ def test_two_ranks_two_workers_visit_each_image_exactly_once(packed):
     truth = train_keys(packed)
     seen, lengths = collections.Counter(), []
     for rank in range(2):
-        loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(decoder="pil", workers=2, rank=rank, world=2))
+        loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, decoder="pil", workers=2, rank=rank, world=2))
         batches = list(loader)
         lengths.append(len(batches))
         assert len(batches) == len(loader)
@@ -95,7 +95,7 @@ def test_two_ranks_two_workers_visit_each_image_exactly_once(packed):
 
 
 def test_epochs_differ_and_mid_epoch_resume_continues_the_same_order(packed):
-    opts = LoaderOptions(decoder="pil", workers=2, seed=7)
+    opts = LoaderOptions(normalize=False, decoder="pil", workers=2, seed=7)
     full = TrainLoader(str(packed), SPEC, SMALL, opts)
     reference = epoch(full)
     assert len(reference) >= 4
@@ -116,8 +116,8 @@ def test_epochs_differ_and_mid_epoch_resume_continues_the_same_order(packed):
 @pytest.mark.parametrize("size, tolerance", [((144, 72), 0), ((256, 128), 1)], ids=["native", "default-256x128"])
 def test_decoders_agree_on_the_same_keys(packed, size, tolerance):
     spec = TransformSpec(height=size[0], width=size[1], pad=4)
-    pil = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(decoder="pil", workers=0, seed=2)))
-    dali = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(decoder="dali", workers=0, seed=2)))
+    pil = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(normalize=False, decoder="pil", workers=0, seed=2)))
+    dali = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(normalize=False, decoder="dali", workers=0, seed=2)))
     assert [p[0] for p in pil] == [d[0] for d in dali]
     assert any(p[4].float().std() > 10 for p in pil)
     diff = max(float((p[4].int() - d[4].int()).abs().max()) for p, d in zip(pil, dali))
@@ -140,7 +140,7 @@ def test_eval_loader_reads_every_test_image_in_order(packed):
 
 def test_held_out_folders_never_reach_training(packed):
     held = frozenset({3, 4, 5, 17})
-    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(workers=0), exclude_folders=held)
+    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, workers=0), exclude_folders=held)
     for b in loader:
         assert not set(b.folder.tolist()) & held
         assert not set(b.bag_labels.flatten().tolist()) & held
@@ -154,7 +154,7 @@ def test_damaged_member_is_skipped_and_reported(packed, tmp_path, decoder):
     with open(dst / "shards" / f"{row['shard']}.tar", "r+b") as f:
         f.seek(row["offset"] + row["size"] // 2)
         f.write(b"\x00\x11\x22\x33")
-    loader = TrainLoader(str(dst), SPEC, SMALL, LoaderOptions(decoder=decoder, workers=0))
+    loader = TrainLoader(str(dst), SPEC, SMALL, LoaderOptions(normalize=False, decoder=decoder, workers=0))
     seen = collections.Counter()
     for b in loader:
         seen.update(k for k, v in zip(b.keys, b.valid.tolist()) if v)
@@ -168,9 +168,9 @@ def test_streams_from_s3_like_local_files(s3, packed, tmp_path):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("loader")
     fs.put(str(packed) + "/", "loader/dst/", recursive=True)
-    local = epoch(TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(workers=2, seed=4)))
+    local = epoch(TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, workers=2, seed=4)))
     for cache in (None, str(tmp_path / "cache")):
-        remote = epoch(TrainLoader("s3://loader/dst", SPEC, SMALL, LoaderOptions(workers=2, seed=4, cache_dir=cache)))
+        remote = epoch(TrainLoader("s3://loader/dst", SPEC, SMALL, LoaderOptions(normalize=False, workers=2, seed=4, cache_dir=cache)))
         assert [r[0] for r in remote] == [x[0] for x in local]
         assert all(torch.equal(r[4], x[4]) for r, x in zip(remote, local))
     assert len(list((tmp_path / "cache").glob("*.tar"))) == len(list((packed / "shards").glob("train-*.tar")))
@@ -213,3 +213,14 @@ def test_resampling_keeps_exact_windows_and_the_epoch_length():
     assert sizes[1] and sizes[3] and sizes[5]
     counts = collections.Counter(int(r) for p in plans for r in p.row)
     assert max(counts.values()) > 1                                   # images repeat when resampling
+
+
+def test_worker_normalisation_equals_device_normalisation(packed):
+    as_uint8 = next(iter(TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, workers=0, seed=9))))
+    as_float = next(iter(TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=True, workers=2, seed=9))))
+    assert as_uint8.images.dtype == torch.uint8 and as_float.images.dtype == torch.float32
+    assert as_uint8.keys == as_float.keys
+    on_device = as_uint8.to("cpu", torch.float32).images
+    assert torch.allclose(on_device, as_float.to("cpu", torch.float32).images, atol=1e-5)
+    assert abs(float(on_device.mean())) < 1.5 and 0.3 < float(on_device.std()) < 2
+    assert as_uint8.to("cpu", torch.bfloat16).images.dtype == torch.bfloat16

@@ -43,8 +43,10 @@ def _fill(col, value):
     return pc.fill_null(col, value).to_numpy(zero_copy_only=False)
 
 
-def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = frozenset()) -> list[ShardEntries]:
-    """Shards of ``subset`` with their images, in packing order, without ``exclude_folders``."""
+def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = frozenset(),
+                 keys: frozenset[str] | None = None) -> list[ShardEntries]:
+    """Shards of ``subset`` with their images, in packing order, without ``exclude_folders``
+    (and, when ``keys`` is given, only those images)."""
     rel = manifests.relpath("images")
     if not dst.exists(rel):
         raise UserError(f"{dst.url} has no {rel}: run `sysu30k shard` first")
@@ -54,6 +56,8 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
         held = pa.array(sorted(exclude_folders), type=pa.int32())
         keep = pc.invert(pc.is_in(table["folder"], value_set=held))
         table = table.filter(pc.fill_null(keep, True))
+    if keys is not None:
+        table = table.filter(pc.is_in(table["key"], value_set=pa.array(sorted(keys), type=pa.string())))
     out = []
     shard_col = table["shard"].to_numpy(zero_copy_only=False)
     if len(shard_col) == 0:

@@ -22,7 +22,7 @@ from . import decode_pil
 from .catalog import ShardEntries, assign_streams, held_out_folders, load_catalog
 from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
-from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params
+from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params, normalize_nhwc
 
 log = logging.getLogger("sysu30k")
 DECODERS = ("auto", "pil", "dali")
@@ -44,16 +44,18 @@ class Batch:
     damaged: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Batch":
-        """Move to ``device``; float dtypes are normalised with the ImageNet mean and std."""
+        """Move to ``device``; uint8 images become ImageNet-normalised ``dtype`` there (per channel, in
+        place); images the workers normalised already are only moved and cast."""
         def norm(x: torch.Tensor | None) -> torch.Tensor | None:
             if x is None:
                 return None
             x = x.to(device, non_blocking=True)
-            if dtype == torch.uint8:
-                return x
-            mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-            std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
-            return ((x.float() - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+            if x.dtype != torch.uint8 or dtype == torch.uint8:
+                return x.to(dtype)
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            for c in range(3):
+                out[:, c].copy_(x[:, c]).mul_(1 / (255 * STD[c])).sub_(MEAN[c] / STD[c])
+            return out.to(dtype)
 
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                  for k, v in self.__dict__.items() if k not in ("images", "flipped")}
@@ -72,6 +74,12 @@ class LoaderOptions:
     world: int = 1
     storage_options: dict = field(default_factory=dict)
     seed: int = 0
+    normalize: bool | None = None     # float32 from the workers; None: when training on the CPU (no CUDA)
+
+    def normalize_in_workers(self, decoder: str) -> bool:
+        """Pillow batches are normalised by the workers for CPU training; a GPU normalises uint8 itself."""
+        wanted = (not torch.cuda.is_available()) if self.normalize is None else self.normalize
+        return wanted and decoder == "pil"
 
 
 def resolve_decoder(name: str) -> str:
@@ -90,8 +98,9 @@ def resolve_decoder(name: str) -> str:
 
 
 def _to_nchw(images: torch.Tensor) -> torch.Tensor:
-    """[N,H,W,3] uint8 as an [N,3,H,W] tensor in channels-last memory (no copy)."""
-    return images.permute(0, 3, 1, 2)
+    """[N,H,W,3] uint8 as an [N,3,H,W] tensor in channels-last memory (no copy); float32 batches that
+    the workers normalised are NCHW already."""
+    return images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.dtype == torch.uint8 else images
 
 
 def _as_is(batch: dict) -> dict:
@@ -177,7 +186,7 @@ class _TrainStreams(torch.utils.data.IterableDataset):
             out["datas"] = datas
         else:
             images, damaged = mat.decode(datas, params, keys)
-            out["images"] = torch.from_numpy(images)
+            out["images"] = torch.from_numpy(normalize_nhwc(images) if self.l.normalize else images)
             bad |= set(damaged)
             out["valid"] = valid & np.array([k not in damaged for k in keys])
         out["damaged"] = sorted(bad)
@@ -193,6 +202,7 @@ class TrainLoader:
         self.dst_url, self.bags, self.transform, self.options = dst_url, bags, transform, options
         self.decoder = resolve_decoder(options.decoder)
         self.raw = self.decoder == "dali"
+        self.normalize = options.normalize_in_workers(self.decoder)
         dst = Storage(dst_url, options.storage_options)
         self.excluded = held_out_folders(dst) if exclude_folders is None else exclude_folders
         self.catalog = load_catalog(dst, "train", self.excluded)
@@ -270,10 +280,11 @@ class EvalLoader:
 
     def __init__(self, dst_url: str, subset: str, batch_size: int = 128,
                  transform: TransformSpec = TransformSpec(train=False), options: LoaderOptions = LoaderOptions(),
-                 flip: bool = True, exclude_folders: frozenset[int] = frozenset()):
+                 flip: bool = True, keys: frozenset[str] | None = None):
+        """``keys`` restricts the subset to those images (e.g. the val split's, carved from train)."""
         self.dst_url, self.batch_size, self.options, self.flip = dst_url, batch_size, options, flip
         self.transform = replace(transform, train=False)
-        self.catalog = load_catalog(Storage(dst_url, options.storage_options), subset, exclude_folders)
+        self.catalog = load_catalog(Storage(dst_url, options.storage_options), subset, keys=keys)
         self.streams = assign_streams(self.catalog, max(1, options.workers))
 
     def __len__(self) -> int:

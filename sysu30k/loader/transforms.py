@@ -16,6 +16,7 @@ import numpy as np
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 MEAN_U8 = tuple(round(m * 255) for m in MEAN)
+_LUT = np.stack([(np.arange(256, dtype=np.float32) / 255 - m) / sd for m, sd in zip(MEAN, STD)])   # [3, 256]
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,12 @@ def apply_numpy(img: np.ndarray, i: int, p: AugParams, spec: TransformSpec) -> n
         img = np.array(img)
         img[y:y + h, x:x + w] = MEAN_U8
     return img
+
+
+def normalize_nhwc(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,H,W,3] → ImageNet-normalised float32 [N,3,H,W] through a 3×256 lookup table (one gather
+    per value: much cheaper than float arithmetic broadcast over channels-last memory)."""
+    out = np.empty((images.shape[0], 3, *images.shape[1:3]), np.float32)
+    for c in range(3):
+        np.take(_LUT[c], images[..., c], out=out[:, c])
+    return out
