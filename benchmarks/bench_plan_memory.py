@@ -267,6 +267,13 @@ def _du(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- orchestration
 
+def package_digest() -> dict:
+    """sha256 (first 12 hex) of every sysu30k source file: which package version a figure belongs to."""
+    import hashlib
+    pkg = ROOT / "sysu30k"
+    return {str(f.relative_to(pkg)): hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(pkg.rglob("*.py"))}
+
+
 def machine() -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -292,6 +299,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="size of ours' run relative to the release (1 = 29.6 M)")
     ap.add_argument("--base-scales", default="0.05,0.1",
                     help="sizes of the list-of-tuples baseline (and of ours side by side), relative to the release")
+    ap.add_argument("--full-reps", type=int, default=None, help="reps of ours at --scale (default: --reps)")
     ap.add_argument("--meta", action="store_true", help="also measure ours with a 29.1 M-line meta/train.txt")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -324,7 +332,7 @@ def main() -> None:
             record(f"ours@{bs:g}", spec("ours", bs))
         record(f"listing@{base_scales[-1]:g}", spec("listing", base_scales[-1]))
     # 2. the release size: ours (about 4 minutes a run on the 2-core machine)
-    for rep in range(args.reps):
+    for rep in range(args.full_reps if args.full_reps is not None else args.reps):
         record(f"ours@{args.scale:g}", spec("ours", args.scale))
     # 3. optional: with meta/train.txt
     if args.meta:
@@ -364,6 +372,7 @@ def main() -> None:
               f"target < 4 GB (4096 MB): {'met' if ours_full['median_peak_rss_mb'] < 4096 else 'NOT met'}")
     info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": started,
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+            "package_sources": package_digest(),
             "summary": summary, "baseline_extrapolated": extrap, "runs": runs}
     stamp = started.replace(":", "").replace("-", "")
     for name in (f"bench_plan_memory-{stamp}.json", "bench_plan_memory.json"):

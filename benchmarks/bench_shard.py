@@ -230,6 +230,13 @@ def run_child(config: str, src: Path, dst: Path) -> dict:
     return res
 
 
+def package_digest() -> dict:
+    """sha256 (first 12 hex) of every sysu30k source file: which package version a figure belongs to."""
+    import hashlib
+    pkg = ROOT / "sysu30k"
+    return {str(f.relative_to(pkg)): hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(pkg.rglob("*.py"))}
+
+
 def machine() -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -303,6 +310,7 @@ def main() -> None:
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     started = datetime.datetime.now().isoformat(timespec="seconds")
     info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": started, "machine": machine(),
+            "package_sources": package_digest(),
             "reps": args.reps, "trees": {}}
     runs: dict[str, list[dict]] = {}
     for group in groups:

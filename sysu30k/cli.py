@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 
@@ -156,7 +157,7 @@ def doctor(as_json: bool) -> None:
 @click.option("--val-block", default=25, show_default=True,
               help="Held-out folders per contiguous block; each block gets 2 guard folders on each side.")
 @click.option("--val-distractors", default=0.5, show_default=True,
-              help="Fraction of held-out folders that give only distractors (the rest give one query each).")
+              help="Fraction of held-out blocks that give only distractors (the rest give one query per folder).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the val folders and val queries.")
 @click.option("--expect", default="auto", show_default=True, metavar="auto|official|none|Q,G",
               help="Counts the test split must have. official: 1,000 queries / 479,730 gallery images; auto: "
@@ -225,19 +226,161 @@ def peek(dst: str, out: str, index: int, bags: int, per_bag: int, height: int, w
                f"({loader.decoder} decoder)")
 
 
+@cli.command("eval")
+@click.argument("dst", required=False)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Extract features with this checkpoint's model.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="Which split of DST/manifests/split.parquet to evaluate (or to join keys-only feature files with).")
+@click.option("--query-features", type=click.Path(dir_okay=False), help="Score this feature Parquet file as queries.")
+@click.option("--gallery-features", type=click.Path(dir_okay=False), help="... against this one as the gallery.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder for metrics.json, per_query.parquet, cmc.png, ranked.png (and the feature cache). "
+                   "Default: eval-SPLIT beside the checkpoint or the query feature file.")
+@click.option("--compare", nargs=2, metavar="RUN_A RUN_B", default=None,
+              help="Print two runs' metrics side by side (writes nothing).")
+@click.option("--chunk", default=64, show_default=True, help="Queries per similarity block (memory: CHUNK x gallery).")
+@click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+@click.option("--show", multiple=True, metavar="KEY", help="Query key for ranked.png (repeatable; default: the worst).")
+@click.option("--worst", default=6, show_default=True, help="Worst queries drawn in ranked.png when no --show.")
+@click.option("--batch", default=128, show_default=True, help="Extraction batch size.")
+@click.option("--workers", default=2, show_default=True, help="Loader processes for extraction.")
+@click.option("--no-flip", is_flag=True, help="Do not add the flipped image's feature.")
+@click.option("--no-normalize", is_flag=True, help="Do not L2-normalise features.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
+def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: str | None,
+          gallery_features: str | None, out_dir: str | None, compare: tuple[str, str] | None, chunk: int, device: str,
+          show: tuple[str, ...], worst: int, batch: int, workers: int, no_flip: bool, no_normalize: bool,
+          as_json: bool) -> None:
+    """Evaluate with the official SYSU-30k protocol: rank-1/5/10/20 and both mAPs.
+
+    sysu30k eval DST --checkpoint CKPT [--split test|val] extracts features (cached in the run folder);
+    sysu30k eval DST --query-features F --gallery-features F scores any model's features (Parquet: key,
+    pid, camid, feature; files with keys only are joined with DST's split manifest);
+    sysu30k eval --compare RUN_A RUN_B puts two runs side by side.
+    """
+    import os
+
+    from .evaluation import reports, run
+
+    if compare:
+        if checkpoint or query_features or gallery_features:
+            raise UserError("--compare takes two run folders and no other input")
+        click.echo(reports.compare(*compare))
+        return
+    if checkpoint and (query_features or gallery_features):
+        raise UserError("give either --checkpoint or --query-features/--gallery-features, not both")
+    if checkpoint:
+        if not dst:
+            raise UserError("--checkpoint needs DST (the packed dataset to extract features from)")
+        out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"eval-{split}")
+        metrics = run.evaluate_checkpoint(dst, checkpoint, split, out_dir, device=device, chunk=chunk, batch=batch,
+                                          workers=workers, flip=not no_flip, normalize=not no_normalize, show=show,
+                                          worst=worst)
+    elif query_features or gallery_features:
+        if not (query_features and gallery_features):
+            raise UserError("--query-features and --gallery-features go together")
+        out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(query_features)), f"eval-{split}")
+        metrics = run.evaluate_features(dst, query_features, gallery_features, out_dir, split=split, device=device,
+                                        chunk=chunk, show=show, worst=worst)
+    else:
+        raise UserError("nothing to evaluate: give --checkpoint, --query-features/--gallery-features or --compare")
+    if as_json:
+        click.echo(json.dumps(metrics, indent=1))
+        return
+    click.echo(reports.table(metrics["metrics"]))
+    click.echo(f"wrote {out_dir}/ (metrics.json, per_query.parquet, cmc.png, ranked.png)")
+
+
+@cli.command("train-weak")
+@click.argument("dst")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.jsonl, config.json. An existing run resumes.")
+@click.option("--method", type=click.Choice(["dgl", "unary", "folder"]), default="dgl", show_default=True,
+              help="dgl: unary + pairwise + weak triplet; unary: the released SYSU-30k recipe; folder: baseline.")
+@click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default="resnet50", show_default=True)
+@click.option("--embedding", default=2048, show_default=True, help="Embedding size (the BN-neck feature).")
+@click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
+              help="ImageNet weights: a torchvision state_dict file (random initialisation without it).")
+@click.option("--epochs", default=8, show_default=True)
+@click.option("--bags", default=12, show_default=True, help="Bags per batch (windows of 1, 3, 5 folders mixed).")
+@click.option("--per-bag", default=15, show_default=True, help="Images per bag.")
+@click.option("--height", default=256, show_default=True)
+@click.option("--width", default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", default=0.01, show_default=True, help="Backbone learning rate.")
+@click.option("--head-lr-mult", default=10.0, show_default=True, help="Learning-rate factor of neck and classifier.")
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--lr-steps", default="", help="Epochs at which the learning rate is multiplied by 0.1, e.g. 40,70.")
+@click.option("--pairwise-weight", default=2.0, show_default=True)
+@click.option("--triplet-weight", default=2.0, show_default=True)
+@click.option("--sigma", default=1.0, show_default=True, help="Bandwidth of the pairwise appearance kernel.")
+@click.option("--margin", default=1.2, show_default=True, help="Weak triplet margin.")
+@click.option("--resample", is_flag=True, help="Exact bag windows with repeated images, instead of exactly-once epochs.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "pil", "dali"]), default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes per GPU/process.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: the local GPU when there is one).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="For a DST in object storage (repeatable).")
+@click.option("--log-every", default=10, show_default=True, help="Steps between JSONL step records.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
+def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, pretrained: str | None, epochs: int,
+               bags: int, per_bag: int, height: int, width: int, optimizer: str, lr: float, head_lr_mult: float,
+               weight_decay: float, lr_steps: str, pairwise_weight: float, triplet_weight: float, sigma: float,
+               margin: float, resample: bool, seed: int, decoder: str, workers: int, device: str | None,
+               storage_options: tuple[str, ...], log_every: int, overwrite: bool) -> None:
+    """Train a ReID model on DST from bag-level labels only (Differentiable Graphical Learning).
+
+    Checkpoints every epoch and on SIGTERM; rerun the same command to resume exactly. With
+    `sysu30k split --val-folders N` done first, each epoch is validated and best.pt kept by val rank-1.
+    Several GPUs: torchrun --nproc-per-node N -m sysu30k train-weak ...
+    """
+    import shutil
+
+    from .losses import LossWeights
+    from .model import ModelConfig
+    from .storage import parse_options
+    from .trainer import RunOptions, TrainConfig, train
+
+    try:
+        steps = tuple(int(x) for x in lr_steps.split(",") if x.strip())
+    except ValueError:
+        raise UserError("--lr-steps takes comma-separated epochs, e.g. 40,70") from None
+    if overwrite and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    cfg = TrainConfig(method=method, model=ModelConfig(arch=arch, embedding=embedding, pretrained=pretrained),
+                      epochs=epochs, bags=bags, per_bag=per_bag, height=height, width=width, optimizer=optimizer,
+                      lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay, lr_steps=steps,
+                      weights=LossWeights(pairwise_weight, triplet_weight, sigma, margin), resample=resample,
+                      seed=seed)
+    record = train(dst, out_dir, cfg, RunOptions(decoder=decoder, workers=workers, device=device,
+                                                 log_every=log_every, storage_options=parse_options(storage_options)))
+    val = {k: v for k, v in record.items() if k.startswith("val_")}
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"done: {out_dir}/best.pt" + (f" (val rank-1 {val['val_rank1']:.3f})" if "val_rank1" in val else ""))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    code = 0
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        code = 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except UserError as exc:
         click.echo(f"sysu30k: error: {exc}", err=True)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
-        sys.exit(130)
+        code = 130
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # Every output is written and closed by now. Skip the interpreter's teardown, where a native
+    # thread pool (seen once in 7 loaded runs of `shard`) can abort a finished run with SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -25,3 +25,4 @@ IMAGE_EXT = "jpg"
 
 OFFICIAL_QUERIES = 1_000                   # the released test protocol (SYSU30K.md §2)
 OFFICIAL_GALLERY = 479_730                 # 1,000 true matches + 478,730 distractors
+OFFICIAL_TEST_IDS = range(28_311, 29_311)  # 000028311 … 000029310 (SYSU30K.md §1.1)

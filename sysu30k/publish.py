@@ -20,6 +20,7 @@ from .plan import PLAN_DIR, shard_name
 from .storage import Storage
 
 SUMMARY = "manifests/summary.json"
+SHARD_TABLES = ("images", "bags", "shards", "rejects")   # the manifests `sysu30k shard` writes
 SUMMARY_VERSION = 1
 
 
@@ -71,7 +72,7 @@ def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:
         } for subset, info in plan["subsets"].items()},
         "rejects_by_reason": dict(sorted(reasons.items())),
         "bags": bags.num_rows, "bag_source": plan["bag_source"], "layout": plan["layout"],
-        "manifests": {t: manifests.relpath(t) for t in manifests.tables()},
+        "manifests": {t: manifests.relpath(t) for t in SHARD_TABLES},
     }
     dst.write_atomic(SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())
     return summary

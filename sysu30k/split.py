@@ -7,7 +7,8 @@ order). Output, each written atomically, the summary last:
   val rows, each in shard order; filter on the ``split`` column (test|val).
 * ``DST/manifests/holdout.parquet`` (table ``holdout``): the training folders taken out of training for
   the val split (role query or distractor) and their guard bands (role guard). Rewritten on every run,
-  empty without ``val_folders``, so it never holds a previous run's choice.
+  empty without ``val_folders``, so it never holds a previous run's choice; :func:`excluded_folders`
+  refuses it when it disagrees with the summary (a run that died between the two writes).
 * ``DST/manifests/split_summary.json``: counts, the held-out folders, every finding. No timings, so the
   same inputs and options give byte-identical outputs.
 
@@ -37,11 +38,12 @@ show a neighbour, some of a query's person sit in the next folder); use val to r
 as a test result. :func:`training_bags` gives the bags with every bag touching a held-out or guard
 folder removed; :func:`excluded_folders` the folders a trainer must skip.
 
-**Dask.** Work is partitioned by manifest row group (= shard), never by image: one partition per row
-group, read with pyarrow on the workers, with row groups picked from the footer statistics (test
-shards for the test split; for val only the training shards whose folder range meets a held-out
-folder). Per-identity/role counts and the key-duplicate search are Dask reductions; what comes back to
-the client is small (counts, the non-distractor rows, duplicated keys) except the split rows
+**Dask.** Work is partitioned by manifest row group (= shard), never by image: a partition is a run of
+whole consecutive row groups (about 100,000 rows, fewer so that every worker gets two), read with
+pyarrow on the workers, with row groups picked from the footer statistics (test shards for the test
+split; for val only the training shards whose folder range meets a held-out folder). Per-identity/role
+counts and the key-duplicate search are Dask reductions; what comes back to the client is small
+(counts, the non-distractor rows, duplicated keys) except the split rows
 themselves, which stream to the client one partition at a time to be written into the one Parquet file.
 ``scheduler=None`` starts a 2-worker ``LocalCluster`` for the call; ``"tcp://HOST:PORT"`` uses an
 existing cluster (its workers must be able to import sysu30k and read DST); ``"sync"`` runs the same
@@ -68,7 +70,8 @@ import pyarrow.parquet as pq
 
 from . import manifests
 from .bags import train_folder_name
-from .constants import (DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_GALLERY, OFFICIAL_QUERIES, QUERY_CAMID)
+from .constants import (DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_GALLERY, OFFICIAL_QUERIES, OFFICIAL_TEST_IDS,
+                        QUERY_CAMID)
 from .errors import UserError
 from .publish import load_summary
 from .split_checks import Finding, check_counts, check_split
@@ -78,10 +81,10 @@ log = logging.getLogger("sysu30k")
 
 SPLIT_SUMMARY = "manifests/split_summary.json"
 SUMMARY_VERSION = 1
-OFFICIAL_TEST_IDS = range(28311, 29311)   # 000028311 … 000029310 (SYSU30K.md §1.1)
 VAL_BLOCK = 25                            # held-out folders per contiguous block, at most
 GUARD = 2                                 # guard folders on each side of a block: impurity reaches k±2
 ROW_GROUP_ROWS = 1 << 16                  # rows per row group of split.parquet
+PARTITION_ROWS = 100_000                  # rows per Dask partition, at most (whole row groups; one can be larger)
 SYNTH_JSON = "synth.json"
 _READ = ["key", "subset", "path", "folder", "pid", "camid", "distractor"]
 _DTYPES = {"split": "str", "role": "str", "key": "str", "pid": "Int32", "camid": "Int8", "distractor": "bool",
@@ -107,33 +110,41 @@ def _footer(src: _Source) -> pq.FileMetaData:
         return pq.read_metadata(f)
 
 
-def _read_group(src: _Source, index: int, columns: list[str]) -> pa.Table:
+def _read_groups(src: _Source, indices: tuple[int, ...], columns: list[str]) -> pa.Table:
+    """Whole row groups ``indices`` (shards) of images.parquet, ``columns`` only."""
     fs, path = fsspec.core.url_to_fs(src.url, **json.loads(src.options))
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f, metadata=_footer(src)).read_row_group(index, columns=columns)
+        return pq.ParquetFile(f, metadata=_footer(src)).read_row_groups(list(indices), columns=columns)
+
+
+_PANDAS_TYPES = {pa.int32(): pd.Int32Dtype(), pa.int8(): pd.Int8Dtype()}.get
 
 
 def _frame(data: dict) -> pd.DataFrame:
-    return pd.DataFrame(data).astype(_DTYPES)[list(_DTYPES)]
+    """A split frame (the columns of _DTYPES, in order) from arrays or lists."""
+    schema = manifests.schema("split")
+    t = pa.table({c: pa.array(data[c], schema.field(c).type) if not isinstance(data[c], pa.ChunkedArray)
+                  else data[c] for c in schema.names}, schema=schema)
+    return t.to_pandas(types_mapper=_PANDAS_TYPES).astype(_DTYPES)
 
 
 def _empty() -> pd.DataFrame:
     return _frame({c: [] for c in _DTYPES})
 
 
-def _test_part(index: int, src: _Source) -> pd.DataFrame:
-    """The test rows (query and gallery images) of row group ``index``."""
-    t = _read_group(src, index, _READ)
+def _test_part(indices: tuple[int, ...], src: _Source) -> pd.DataFrame:
+    """The test rows (query and gallery images) of row groups ``indices``."""
+    t = _read_groups(src, indices, _READ)
     t = t.filter(pc.is_in(t["subset"], pa.array(["query", "gallery"])))
     n = t.num_rows
-    return _frame({"split": ["test"] * n, "role": t["subset"].to_pylist(), "key": t["key"].to_pylist(),
-                   "pid": t["pid"].to_pandas(), "camid": t["camid"].to_pandas(),
-                   "distractor": t["distractor"].to_pandas(), "folder": [None] * n, "path": t["path"].to_pylist()})
+    return _frame({"split": pa.repeat(pa.scalar("test"), n), "role": t["subset"], "key": t["key"], "pid": t["pid"],
+                   "camid": t["camid"], "distractor": t["distractor"], "folder": pa.nulls(n, pa.int32()),
+                   "path": t["path"]})
 
 
-def _folder_part(index: int, src: _Source) -> pd.DataFrame:
-    """Images per training folder in row group ``index``."""
-    t = _read_group(src, index, ["subset", "folder"])
+def _folder_part(indices: tuple[int, ...], src: _Source) -> pd.DataFrame:
+    """Images per training folder in row groups ``indices``."""
+    t = _read_groups(src, indices, ["subset", "folder"])
     t = t.filter(pc.and_(pc.equal(t["subset"], "train"), pc.is_valid(t["folder"])))
     vc = pc.value_counts(t["folder"])
     return pd.DataFrame({"folder": vc.field("values").to_numpy(zero_copy_only=False).astype(np.int64),
@@ -146,15 +157,16 @@ def _score(seed: int, keys) -> np.ndarray:
                      for k in keys], dtype=np.int64)
 
 
-def _val_part(index: int, src: _Source, roles: dict[int, str], seed: int) -> pd.DataFrame:
-    """Rows of held-out folders in row group ``index``, all gallery for now, with their query score."""
-    t = _read_group(src, index, ["key", "subset", "path", "folder"])
+def _val_part(indices: tuple[int, ...], src: _Source, roles: dict[int, str], seed: int) -> pd.DataFrame:
+    """Rows of held-out folders in row groups ``indices``, all gallery for now, with their query score."""
+    t = _read_groups(src, indices, ["key", "subset", "path", "folder"])
     t = t.filter(pc.and_(pc.equal(t["subset"], "train"), pc.is_in(t["folder"], pa.array(list(roles), pa.int32()))))
     folder = t["folder"].to_numpy(zero_copy_only=False).astype(np.int64)
     is_query = np.array([roles[f] == "query" for f in folder], dtype=bool)
-    out = _frame({"split": ["val"] * len(folder), "role": ["gallery"] * len(folder), "key": t["key"].to_pylist(),
-                  "pid": np.where(is_query, folder, DISTRACTOR_PID), "camid": [GALLERY_CAMID] * len(folder),
-                  "distractor": ~is_query, "folder": folder, "path": t["path"].to_pylist()})
+    n = len(folder)
+    out = _frame({"split": pa.repeat(pa.scalar("val"), n), "role": pa.repeat(pa.scalar("gallery"), n),
+                  "key": t["key"], "pid": np.where(is_query, folder, DISTRACTOR_PID),
+                  "camid": np.full(n, GALLERY_CAMID), "distractor": ~is_query, "folder": folder, "path": t["path"]})
     out["score"] = _score(seed, out["key"])
     return out
 
@@ -183,6 +195,12 @@ class _Runner:
 
     def __init__(self, client=None):
         self.client = client
+        self.workers = len(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else 1
+
+    def batches(self, groups: list[_Group]) -> list[tuple[int, ...]]:
+        """Partitions of whole row groups: about PARTITION_ROWS rows, and 2 per worker at least."""
+        total = sum(g.rows for g in groups)
+        return _batches(groups, max(1, min(PARTITION_ROWS, math.ceil(total / (2 * max(1, self.workers))))))
 
     def persist(self, df):
         return self.client.persist(df) if self.client is not None else df.persist(scheduler="sync")
@@ -202,7 +220,7 @@ class _Runner:
                 yield p.compute(scheduler="sync")
             return
         futures = self.client.compute(parts)
-        for fut in futures:
+        for fut in futures:                           # the client holds one partition at a time
             yield fut.result()
             fut.release()
 
@@ -220,12 +238,14 @@ def _runner(scheduler: str | None, workers: int) -> Iterator[_Runner]:
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
         with client:
-            log.info("split: on %s (%d workers)", scheduler, len(client.scheduler_info(n_workers=-1)["workers"]))
-            yield _Runner(client)
+            run = _Runner(client)
+            log.info("split: on %s (%d workers)", scheduler, run.workers)
+            yield run
         return
     log.info("split: starting a local Dask cluster of %d workers", workers)
+    # dashboard ":0": the scheduler's HTTP server takes a free port (None would still try 8787 and warn)
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+                      dashboard_address=":0", silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
         yield _Runner(client)
 
 
@@ -329,6 +349,26 @@ class _Group:
     folders: tuple[int, int] | None
 
 
+def _batches(groups: list[_Group], target_rows: int) -> list[tuple[int, ...]]:
+    """Consecutive row groups (whole shards) joined into partitions of about ``target_rows`` rows.
+
+    A partition is never a part of a shard; joining the small ones keeps per-task overhead (a task
+    costs milliseconds on the scheduler and the worker) small next to the work when shards are small.
+    """
+    out: list[tuple[int, ...]] = []
+    cur: list[int] = []
+    rows = 0
+    for g in groups:
+        cur.append(g.index)
+        rows += g.rows
+        if rows >= target_rows:
+            out.append(tuple(cur))
+            cur, rows = [], 0
+    if cur:
+        out.append(tuple(cur))
+    return out
+
+
 def _row_groups(md: pq.FileMetaData) -> list[_Group]:
     names = md.schema.to_arrow_schema().names
     si, fi = names.index("subset"), names.index("folder")
@@ -386,10 +426,12 @@ class _Built:
 def _reduce(run: _Runner, rows) -> tuple[pd.DataFrame, dict]:
     """The rows every invariant needs (see split_checks) and the counts, from a persisted split frame."""
     vc = rows["key"].value_counts(split_out=1)   # a tree reduction: no shuffle
-    dup_keys, sizes = run.compute(vc[vc > 1], rows.groupby(["role", "distractor"]).size(split_out=1))
-    keep = ((rows["role"] == "query") | ~rows["distractor"] | (rows["pid"] != DISTRACTOR_PID)
-            | rows["pid"].isna() | rows["key"].isin(list(dup_keys.index)))
-    (small,) = run.compute(rows[keep])
+    keep = ((rows["role"] == "query") | ~rows["distractor"] | (rows["pid"] != DISTRACTOR_PID) | rows["pid"].isna())
+    dup_keys, sizes, small = run.compute(vc[vc > 1], rows.groupby(["role", "distractor"]).size(split_out=1),
+                                         rows[keep])
+    if len(dup_keys):                            # rare: add every row of a duplicated key
+        (more,) = run.compute(rows[~keep & rows["key"].isin(list(dup_keys.index))])
+        small = pd.concat([small, more])
     sizes = {(r, bool(d)): int(n) for (r, d), n in sizes.items()}
     counts = {"queries": sum(n for (r, _), n in sizes.items() if r == "query"),
               "gallery": sum(n for (r, _), n in sizes.items() if r == "gallery"),
@@ -401,9 +443,9 @@ def _reduce(run: _Runner, rows) -> tuple[pd.DataFrame, dict]:
 
 def _build_test(run: _Runner, dd, src: _Source, groups: list[_Group], expect_mode: str,
                 expected: tuple[int, int] | None) -> _Built:
-    idx = [g.index for g in groups if g.subset in ("query", "gallery", None)]
-    rows = run.persist(dd.from_map(_test_part, idx, args=[src], meta=_empty(), label="test-rows")
-                       if idx else dd.from_pandas(_empty(), npartitions=1))
+    parts = run.batches([g for g in groups if g.subset in ("query", "gallery", None)])
+    rows = run.persist(dd.from_map(_test_part, parts, args=[src], meta=_empty(), label="test-rows")
+                       if parts else dd.from_pandas(_empty(), npartitions=1))
     small, counts = _reduce(run, rows)
     findings = check_split(small, "test")
     if expected is not None and (counts["queries"], counts["gallery"]) != expected:
@@ -416,10 +458,10 @@ def _build_test(run: _Runner, dd, src: _Source, groups: list[_Group], expect_mod
 def _build_val(run: _Runner, dd, src: _Source, groups: list[_Group], holdout: Holdout, seed: int) -> _Built:
     roles = holdout.roles()
     lo, hi = min(roles), max(roles)
-    idx = [g.index for g in groups if g.subset in ("train", None)
-           and (g.folders is None or (g.folders[0] <= hi and g.folders[1] >= lo))]
+    parts = run.batches([g for g in groups if g.subset in ("train", None)
+                         and (g.folders is None or (g.folders[0] <= hi and g.folders[1] >= lo))])
     meta = _empty().assign(score=pd.Series([], dtype="int64"))
-    raw = run.persist(dd.from_map(_val_part, idx, args=[src, roles, seed], meta=meta, label="val-rows"))
+    raw = run.persist(dd.from_map(_val_part, parts, args=[src, roles, seed], meta=meta, label="val-rows"))
     (best,) = run.compute(raw[~raw["distractor"]].groupby("folder")["score"].min(split_out=1))
     best = {int(f): int(s) for f, s in best.items()}
     rows = run.persist(raw.map_partitions(_mark_queries, best, meta=_empty()))
@@ -465,10 +507,10 @@ def build_splits(dst_url: str, val_folders: int = 0, seed: int = 0, scheduler: s
         test = _build_test(run, dd, src, groups, expect_mode, expected_counts)
         holdout, val = Holdout(), None
         if val_folders:
-            train_idx = [g.index for g in groups if g.subset in ("train", None)]
-            if not train_idx:
+            train = run.batches([g for g in groups if g.subset in ("train", None)])
+            if not train:
                 raise UserError("--val-folders needs training images, and DST holds none")
-            (fc,) = run.compute(dd.from_map(_folder_part, train_idx, args=[src], label="folder-counts",
+            (fc,) = run.compute(dd.from_map(_folder_part, train, args=[src], label="folder-counts",
                                             meta=pd.DataFrame({"folder": pd.Series([], dtype="int64"),
                                                                "n": pd.Series([], dtype="int64")}))
                                 .groupby("folder")["n"].sum(split_out=1))
@@ -511,8 +553,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def _write_split(dst: Storage, run: _Runner, built: list[_Built]) -> None:
     schema = manifests.schema("split")
-    with dst.open_atomic(manifests.relpath("split")) as f:
-        writer = pq.ParquetWriter(f, schema, compression="zstd")
+    with dst.open_atomic(manifests.relpath("split")) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
         buf: list[pa.Table] = []
         pending, written = 0, False
         for b in built:
@@ -524,19 +565,28 @@ def _write_split(dst: Storage, run: _Runner, built: list[_Built]) -> None:
                     buf, pending, written = [], 0, True
         if pending or not written:
             writer.write_table(pa.concat_tables(buf) if buf else schema.empty_table(), row_group_size=max(pending, 1))
-        writer.close()
 
 
 # ----------------------------------------------------------------------------- for the trainer
 
 def excluded_folders(dst_url: str, storage_options: dict | None = None) -> set[int]:
-    """Training folders a trainer must skip: held out for val or in a guard band (empty before a split)."""
+    """Training folders a trainer must skip: held out for val or in a guard band (empty before a split).
+
+    Raises UserError when holdout.parquet and split_summary.json disagree (a split run died between
+    writing them): rerun ``sysu30k split``.
+    """
     dst = Storage(dst_url, storage_options)
     rel = manifests.relpath("holdout")
     if not dst.exists(rel):
         return set()
     with dst.open(rel) as f:
-        return set(pq.read_table(f, columns=["folder"])["folder"].to_pylist())
+        folders = set(pq.read_table(f, columns=["folder"])["folder"].to_pylist())
+    summary = json.loads(dst.read_text(SPLIT_SUMMARY)) if dst.exists(SPLIT_SUMMARY) else None
+    v = summary["val"] if summary else None
+    if v is None or folders != set(v["query_folders"]) | set(v["distractor_folders"]) | set(v["guard_folders"]):
+        raise UserError(f"{dst.url}: {rel} and {SPLIT_SUMMARY} disagree (an interrupted `sysu30k split`?); "
+                        "rerun sysu30k split")
+    return folders
 
 
 def _drop_bags(bags: pa.Table, excluded: set[int]) -> pa.Table:
@@ -558,6 +608,8 @@ def _drop_bags(bags: pa.Table, excluded: set[int]) -> pa.Table:
 def training_bags(dst_url: str, storage_options: dict | None = None) -> pa.Table:
     """``bags.parquet`` without every bag whose label or folders touch a held-out or guard folder."""
     dst = Storage(dst_url, storage_options)
+    if not dst.exists(manifests.relpath("bags")):
+        raise UserError(f"{dst.url} has no {manifests.relpath('bags')}: pack the training set with `sysu30k shard`")
     with dst.open(manifests.relpath("bags")) as f:
         bags = pq.read_table(f)
     return _drop_bags(bags, excluded_folders(dst_url, storage_options))

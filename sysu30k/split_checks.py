@@ -239,7 +239,8 @@ def check_counts(split: str, queries: int, gallery: int, expected: tuple[int, in
         ks = np.asarray(distractor_numbers, dtype=np.int64)
         uniq, counts = np.unique(ks, return_counts=True)
         notes += [f"distractor number {k} appears {c} times" for k, c in zip(uniq, counts) if c > 1][:EXAMPLES]
-        notes += [f"extra distractor 0000others_c1_{k}.jpg (beyond {want:,})" for k in uniq[(uniq > want) | (uniq < 1)]][:EXAMPLES]
+        extra = uniq[(uniq > want) | (uniq < 1)]
+        notes += [f"extra distractor 0000others_c1_{k}.jpg (beyond {want:,})" for k in extra][:EXAMPLES]
         if len(uniq) < want:
             absent = np.setdiff1d(np.arange(1, want + 1), uniq)[:EXAMPLES]
             notes += [f"missing distractor 0000others_c1_{k}.jpg" for k in absent]

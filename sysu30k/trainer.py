@@ -190,6 +190,7 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
             schedule.step()
             batches = max(1, loader.consumed)
             record = {"event": "epoch", "epoch": epoch, "step": step, "images_per_s": seen / (time.perf_counter() - t0),
+                      "train_images": sum(len(s) for s in loader.catalog), "excluded_folders": len(loader.excluded),
                       **{f"train_{k}": v / batches for k, v in sums.items()}, "damaged": len(loader.damaged)}
             if rank == 0:
                 val = _validate(model, dst_url, device, cfg, run)

@@ -224,3 +224,17 @@ def test_worker_normalisation_equals_device_normalisation(packed):
     assert torch.allclose(on_device, as_float.to("cpu", torch.float32).images, atol=1e-5)
     assert abs(float(on_device.mean())) < 1.5 and 0.3 < float(on_device.std()) < 2
     assert as_uint8.to("cpu", torch.bfloat16).images.dtype == torch.bfloat16
+
+
+def test_folders_held_out_by_split_are_excluded_by_default(packed, tmp_path):
+    from sysu30k.split import build_splits, excluded_folders
+
+    dst = tmp_path / "dst"
+    shutil.copytree(packed, dst)
+    build_splits(str(dst), val_folders=4, val_block=2, seed=1, scheduler="sync")
+    held = excluded_folders(str(dst))
+    assert held
+    loader = TrainLoader(str(dst), SPEC, SMALL, LoaderOptions(normalize=False, workers=0))
+    assert loader.excluded == frozenset(held)
+    seen = {int(f) for b in loader for f, v in zip(b.folder, b.valid) if v}
+    assert seen and not seen & held and seen | held == set(train_keys(packed).values())

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from sysu30k import manifests
-from sysu30k.constants import DISTRACTOR_PID, GALLERY_CAMID, QUERY_CAMID
+from sysu30k.constants import DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_TEST_IDS, QUERY_CAMID
 from sysu30k.errors import UserError
 from sysu30k.plan import ShardingOptions
 from sysu30k.shard import ShardJob, run_shard
-from sysu30k.split import (GUARD, OFFICIAL_TEST_IDS, SPLIT_SUMMARY, build_splits, choose_holdout, excluded_folders,
+from sysu30k.split import (GUARD, SPLIT_SUMMARY, build_splits, choose_holdout, excluded_folders,
                            max_val_folders, training_bags)
 from sysu30k.split_checks import EXAMPLES, check_counts, check_split
 
@@ -38,7 +38,7 @@ def scheduler():
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         yield cluster.scheduler_address
 
 
@@ -62,7 +62,8 @@ def val_packed(tmp_path_factory) -> Path:
 def manifests_copy(dst: Path, tmp_path: Path) -> Path:
     """A writable DST holding only the manifests of ``dst`` (all split needs)."""
     out = tmp_path / "dst"
-    shutil.copytree(dst / "manifests", out / "manifests")
+    shutil.copytree(dst / "manifests", out / "manifests",
+                    ignore=shutil.ignore_patterns("split*", "holdout*"))   # no earlier split output
     return out
 
 
@@ -87,7 +88,8 @@ def split_rows(dst: Path) -> pd.DataFrame:
     return pq.read_table(dst / manifests.relpath("split")).to_pandas()
 
 
-def test_split_matches_synth_config(packed, scheduler):
+def test_split_matches_synth_config(packed, scheduler, tmp_path):
+    packed = manifests_copy(packed, tmp_path)
     s = build_splits(str(packed), scheduler=scheduler)
     n_ids, n_dis = TINY["test_ids"], TINY["distractors"]
     assert s["expected"] == {"mode": "synth", "queries": n_ids, "gallery": n_ids + n_dis}
@@ -207,7 +209,8 @@ def test_count_deviation_names_files(packed, scheduler, tmp_path):
     assert f["invariant"] == "expected-count" and "1,000" in f["message"] and "479,730" in f["message"]
     assert "no query of identity 000028311" in f["message"] and "+" in f["message"]
     # with the synth's own counts, one extra distractor is named (number beyond the expected count)
-    s = build_splits(str(dst), scheduler="sync", expected=(TINY["test_ids"], TINY["test_ids"] + TINY["distractors"] - 1))
+    one_less = (TINY["test_ids"], TINY["test_ids"] + TINY["distractors"] - 1)
+    s = build_splits(str(dst), scheduler="sync", expected=one_less)
     assert f"extra distractor 0000others_c1_{TINY['distractors']}.jpg" in s["findings"][0]["message"]
 
 
@@ -254,7 +257,8 @@ def test_val_split(val_packed, scheduler, tmp_path):
     g = val[val["role"] == "gallery"]
     assert (g["camid"] == GALLERY_CAMID).all()
     assert (g.loc[g["folder"].isin(v["distractor_folders"]), "pid"] == DISTRACTOR_PID).all()
-    assert (g.loc[g["folder"].isin(v["query_folders"]), "pid"] == g.loc[g["folder"].isin(v["query_folders"]), "folder"]).all()
+    matches = g[g["folder"].isin(v["query_folders"])]
+    assert (matches["pid"] == matches["folder"]).all()
     held_images = images[images["folder"].isin(held)]
     assert sorted(val["key"]) == sorted(held_images["key"])
     assert s["splits"]["val"]["queries"] == len(v["query_folders"])
@@ -263,22 +267,30 @@ def test_val_split(val_packed, scheduler, tmp_path):
 
 def test_val_deterministic_by_seed_and_rerun_overwrites(val_packed, scheduler, tmp_path):
     dst = manifests_copy(val_packed, tmp_path)
-    outs = ("split", "holdout")
 
-    def run(**kw):
-        build_splits(str(dst), scheduler=scheduler, **kw)
-        return [(dst / manifests.relpath(t)).read_bytes() for t in outs] + [(dst / SPLIT_SUMMARY).read_bytes()]
+    def run(sched, **kw):
+        build_splits(str(dst), scheduler=sched, **kw)
+        return [(dst / manifests.relpath(t)).read_bytes() for t in ("split", "holdout")] + [
+            (dst / SPLIT_SUMMARY).read_bytes()]
 
-    first = run(val_folders=4, val_block=2, seed=1)
-    assert run(val_folders=4, val_block=2, seed=1) == first
-    assert build_splits(str(dst), scheduler="sync", val_folders=4, val_block=2, seed=1)["val"] == \
-        json.loads(first[2])["val"]                                   # the runner does not change the choice
-    other = [json.loads(run(val_folders=4, val_block=2, seed=s)[2])["val"]["blocks"] for s in (2, 3, 4)]
-    assert any(b != json.loads(first[2])["val"]["blocks"] for b in other)
-    run(val_folders=0)                                                # a rerun without val clears the hold-out
+    first = run(scheduler, val_folders=4, val_block=2, seed=1)
+    assert run("sync", val_folders=4, val_block=2, seed=1) == first    # same seed: same bytes, any runner
+    other = run("sync", val_folders=4, val_block=2, seed=2)
+    assert other[1] != first[1] and other[0] != first[0]
+    run("sync", val_folders=0)                                         # a rerun without val clears the hold-out
     assert set(split_rows(dst)["split"]) == {"test"} and excluded_folders(str(dst)) == set()
     assert training_bags(str(dst)).num_rows == pq.read_metadata(dst / manifests.relpath("bags")).num_rows
     assert not [p for p in (dst / "manifests").iterdir() if ".tmp-" in p.name]
+
+
+def test_trainer_refuses_a_holdout_that_disagrees_with_the_summary(val_packed, tmp_path):
+    from sysu30k.split import Holdout
+
+    dst = manifests_copy(val_packed, tmp_path)
+    build_splits(str(dst), scheduler="sync", val_folders=2, val_block=1)
+    pq.write_table(Holdout().table(), dst / manifests.relpath("holdout"))   # as if the run died mid-way
+    with pytest.raises(UserError, match="disagree"):
+        training_bags(str(dst))
 
 
 def test_failed_rerun_keeps_previous_outputs(packed, tmp_path, monkeypatch):
@@ -308,7 +320,8 @@ def _frame(rows):
 def _good():
     rows = []
     for i in (1, 2, 3):
-        rows += [("query", f"q{i}", i, 2, False, f"query/{i}/q.jpg"), ("gallery", f"g{i}", i, 1, False, f"gallery/{i}/g.jpg")]
+        rows += [("query", f"q{i}", i, 2, False, f"query/{i}/q.jpg"),
+                 ("gallery", f"g{i}", i, 1, False, f"gallery/{i}/g.jpg")]
     rows += [("gallery", f"d{k}", DISTRACTOR_PID, 1, True, f"gallery/0000others/d{k}.jpg") for k in range(5)]
     return rows
 

@@ -73,16 +73,6 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
     return out
 
 
-def held_out_folders(dst: Storage) -> frozenset[int]:
-    """Training folders that ``sysu30k split`` took out of training (val and guard folders); empty
-    when no split was made."""
-    rel = manifests.relpath("holdout")
-    if not dst.exists(rel):
-        return frozenset()
-    with dst.open(rel) as f:
-        return frozenset(pq.read_table(f, columns=["folder"])["folder"].to_pylist())
-
-
 def assign_streams(shards: list[ShardEntries], streams: int) -> list[list[int]]:
     """Shard indices of each stream: contiguous blocks with about the same number of images.
 

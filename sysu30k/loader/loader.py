@@ -19,7 +19,7 @@ import torch
 from ..storage import Storage
 from ..tuning import tune_malloc
 from . import decode_pil
-from .catalog import ShardEntries, assign_streams, held_out_folders, load_catalog
+from .catalog import ShardEntries, assign_streams, load_catalog
 from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
 from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params, normalize_nhwc
@@ -203,9 +203,12 @@ class TrainLoader:
         self.decoder = resolve_decoder(options.decoder)
         self.raw = self.decoder == "dali"
         self.normalize = options.normalize_in_workers(self.decoder)
-        dst = Storage(dst_url, options.storage_options)
-        self.excluded = held_out_folders(dst) if exclude_folders is None else exclude_folders
-        self.catalog = load_catalog(dst, "train", self.excluded)
+        if exclude_folders is None:
+            from ..split import excluded_folders
+
+            exclude_folders = frozenset(excluded_folders(dst_url, options.storage_options))
+        self.excluded = exclude_folders
+        self.catalog = load_catalog(Storage(dst_url, options.storage_options), "train", self.excluded)
         self.n_workers = max(1, options.workers)
         self.streams = assign_streams(self.catalog, options.world * self.n_workers)
         counts = [batches_for(sum(len(self.catalog[i]) for i in s), bags) for s in self.streams]

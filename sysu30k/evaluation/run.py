@@ -1,0 +1,194 @@
+"""The logic of ``sysu30k eval``: score feature files, or a checkpoint (features extracted and cached),
+and write the run folder (:mod:`sysu30k.evaluation.reports`)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from .. import manifests
+from ..errors import UserError
+from ..storage import Storage
+from .features import FeatureSet, extract_features, join_split, read_features, write_features
+from .reports import write_run
+from .scoring import score
+
+log = logging.getLogger("sysu30k")
+SPLITS = ("test", "val")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: the GPU when present, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available here")
+    return dev
+
+
+def evaluate_features(dst_url: str | None, query_features: str, gallery_features: str, out_dir: str,
+                      split: str = "test", device=None, chunk: int = 64, show: tuple[str, ...] = (), worst: int = 6,
+                      storage_options: dict | None = None) -> dict:
+    """Score two feature files (table ``features``) with the official protocol; write the run folder.
+
+    Files without pid/camid are joined on key with ``DST/manifests/split.parquet`` (rows of ``split``).
+    Returns the metrics.json content.
+    """
+    dst = Storage(dst_url, storage_options) if dst_url else None
+    sets = []
+    for role, path in (("query", query_features), ("gallery", gallery_features)):
+        fs = read_features(path)
+        if len(fs) == 0:
+            raise UserError(f"{path} holds no features")
+        if fs.pids is None or fs.camids is None:
+            if dst is None:
+                raise UserError(f"{path} has no pid/camid columns: give DST to join it with its split manifest")
+            fs = join_split(fs, dst, split, role, path)
+        sets.append(fs)
+    meta = {"split": split, "dst": dst.url if dst else None, "query_features": str(query_features),
+            "gallery_features": str(gallery_features), "label": Path(str(query_features)).stem}
+    return _score_and_write(sets[0], sets[1], out_dir, meta, dst_url, device, chunk, show, worst, storage_options)
+
+
+def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str, device=None, chunk: int = 64,
+                        batch: int = 128, workers: int = 2, flip: bool = True, normalize: bool = True,
+                        height: int = 256, width: int = 128, decoder: str = "auto", show: tuple[str, ...] = (),
+                        worst: int = 6, storage_options: dict | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """Extract features of ``split`` with the model of ``checkpoint`` (cached in ``out_dir`` as
+    ``features-<split>-<sha1[:12]>.parquet``), score them, write the run folder; returns metrics.json."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}")
+    ckpt_path = Path(checkpoint)
+    if not ckpt_path.is_file():
+        raise UserError(f"no checkpoint at {checkpoint}")
+    dev = resolve_device(device)
+    digest = _sha1(ckpt_path)[:12]
+    cache_rel = f"features-{split}-{digest}.parquet"
+    out = Storage(out_dir)
+    dst = Storage(dst_url, storage_options)
+    roles = _split_roles(dst, split)
+    if out.exists(cache_rel):
+        log.info("features: cached %s", out.path(cache_rel))
+        allf = read_features(cache_rel, out)
+    else:
+        allf = _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, normalize, height, width,
+                              decoder, storage_options, dtype)
+        write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out,
+                       metadata={"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split,
+                                 "flip": flip, "normalize": normalize, "size": f"{height}x{width}"})
+        log.info("features: wrote %s", out.path(cache_rel))
+    q, g = _by_role(allf, roles)
+    meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
+            "features": cache_rel, "flip": flip, "normalize": normalize, "label": ckpt_path.stem}
+    return _score_and_write(q, g, out_dir, meta, dst_url, dev, chunk, show, worst, storage_options)
+
+
+def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, device, chunk, show, worst,
+                     storage_options) -> dict:
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    s = score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, query_keys=q.keys, gallery_keys=g.keys,
+              chunk=chunk, device=dev)
+    meta = {**meta, "device": str(dev), "chunk": chunk}
+    metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=show, worst=worst, storage_options=storage_options)
+    log.info("scored %d queries against %d gallery images in %.1f s", len(q), len(g), time.perf_counter() - t0)
+    return metrics
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _split_roles(dst: Storage, split: str) -> dict:
+    """``{"query": [keys], "gallery": [keys], "pid": {key: pid}, "camid": {key: camid}, "folder": {...}}``."""
+    rel = manifests.relpath("split")
+    if not dst.exists(rel):
+        raise UserError(f"{dst.url} has no {rel}: run `sysu30k split` first")
+    with dst.open(rel) as f:
+        t = pq.read_table(f, columns=["split", "role", "key", "pid", "camid", "folder"], filters=[("split", "=", split)])
+    if t.num_rows == 0:
+        raise UserError(f"{dst.url}/{rel} has no {split} split"
+                        + (" (run `sysu30k split --val-folders N`)" if split == "val" else ""))
+    cols = {c: t[c].to_pylist() for c in ("role", "key", "pid", "camid", "folder")}
+    out = {"query": [], "gallery": [], "pid": {}, "camid": {}, "folder": set()}
+    for role, key, pid, cam, folder in zip(*(cols[c] for c in ("role", "key", "pid", "camid", "folder"))):
+        out[role].append(key)
+        out["pid"][key], out["camid"][key] = pid, cam
+        if folder is not None:
+            out["folder"].add(folder)
+    return out
+
+
+def _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, normalize, height, width, decoder,
+                   storage_options, dtype) -> FeatureSet:
+    from ..loader import EvalLoader, LoaderOptions, TransformSpec
+    from ..model import build_model          # lazily: the model module is the trainer's
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise UserError(f"{ckpt_path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    try:
+        model = build_model(ckpt["config"]["model"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{ckpt_path} is not a sysu30k checkpoint (missing {exc})") from None
+    model.to(dev).eval()
+    options = LoaderOptions(decoder=decoder, workers=workers, storage_options=storage_options or {})
+    spec = TransformSpec(height=height, width=width, train=False)
+    has_keys = "keys" in inspect.signature(EvalLoader.__init__).parameters
+    got: dict[str, torch.Tensor] = {}
+    for role in ("query", "gallery"):
+        wanted = frozenset(roles[role])
+        subset = "train" if split == "val" else role
+        kwargs = {}
+        if has_keys:
+            kwargs["keys"] = wanted
+        elif split == "val":
+            kwargs["exclude_folders"] = _other_train_folders(Storage(dst_url, storage_options), roles["folder"])
+        loader = EvalLoader(dst_url, subset, batch, spec, options, flip=flip, **kwargs)
+        feats, keys, _, _ = extract_features(model, loader, dev, flip=flip, normalize=normalize, dtype=dtype)
+        for i, k in enumerate(keys):
+            if k in wanted:
+                got[k] = feats[i]
+    order = [k for k in roles["query"] + roles["gallery"] if k in got]
+    lost = len(roles["query"]) + len(roles["gallery"]) - len(order)
+    if lost:
+        log.warning("features: %d image(s) of the %s split could not be read and are left out", lost, split)
+    if not order:
+        raise UserError(f"no image of the {split} split could be embedded")
+    return FeatureSet(order, np.array([roles["pid"][k] for k in order], np.int64),
+                      np.array([roles["camid"][k] for k in order], np.int64), torch.stack([got[k] for k in order]))
+
+
+def _other_train_folders(dst: Storage, keep: set) -> frozenset[int]:
+    with dst.open(manifests.relpath("images")) as f:
+        t = pq.read_table(f, columns=["folder"], filters=[("subset", "=", "train")])
+    return frozenset(int(x) for x in np.unique(t["folder"].drop_null().to_numpy())) - frozenset(keep)
+
+
+def _by_role(allf: FeatureSet, roles: dict) -> tuple[FeatureSet, FeatureSet]:
+    index = {k: i for i, k in enumerate(allf.keys)}
+    out = []
+    for role in ("query", "gallery"):
+        keys = [k for k in roles[role] if k in index]
+        if not keys:
+            raise UserError(f"the feature cache has no {role} image of this split; delete it and rerun")
+        rows = torch.as_tensor([index[k] for k in keys])
+        out.append(FeatureSet(keys, allf.pids[rows.numpy()], allf.camids[rows.numpy()], allf.feats[rows]))
+    return out[0], out[1]

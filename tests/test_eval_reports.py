@@ -1,0 +1,221 @@
+"""``sysu30k eval``: feature files in, run folder out (metrics.json, per-query Parquet, PNGs), --compare,
+user errors; plus a checkpoint end to end on the tiny packed tree (features through the loader, cache)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from sysu30k import manifests
+from sysu30k.cli import cli
+from sysu30k.constants import DISTRACTOR_PID
+from sysu30k.evaluation import read_features, score, write_features
+
+
+def make_features(rng, nq=12, ng=80, d=16):
+    ql = np.arange(100, 100 + nq)
+    gl = np.full(ng, DISTRACTOR_PID)
+    gl[:nq] = ql                                       # one true match each, as SYSU-30k
+    gl[nq:nq + 3] = ql[:3]                              # and a few extra for the first queries
+    qf = rng.standard_normal((nq, d))
+    gf = rng.standard_normal((ng, d))
+    gf[:nq] = qf + 0.8 * rng.standard_normal((nq, d))
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    return (qf.astype(np.float32), ql, np.full(nq, 2), gf.astype(np.float32), gl, np.full(ng, 1))
+
+
+@pytest.fixture
+def feats(tmp_path):
+    rng = np.random.default_rng(0)
+    qf, ql, qc, gf, gl, gc = make_features(rng)
+    qkeys = [f"q{i:03d}" for i in range(len(ql))]
+    gkeys = [f"g{i:03d}" for i in range(len(gl))]
+    write_features(tmp_path / "query.parquet", qkeys, ql, qc, qf)
+    write_features(tmp_path / "gallery.parquet", gkeys, gl, gc, gf)
+    return tmp_path, (qf, ql, qc, gf, gl, gc, qkeys, gkeys)
+
+
+def run(*args):
+    r = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=True)
+    return r
+
+
+def cli_main(*args, cwd=None):
+    """The real entry point (user errors: one line, exit 2)."""
+    return subprocess.run([sys.executable, "-m", "sysu30k", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def assert_png(path: Path, min_w=200, min_h=150):
+    assert path.is_file()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width >= min_w and im.height >= min_h
+        assert len(np.unique(np.asarray(im.convert("L")))) > 5      # not a blank canvas
+
+
+def test_roundtrip_feature_file(tmp_path):
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((7, 5)).astype(np.float32)
+    write_features(tmp_path / "f.parquet", list("abcdefg"), np.arange(7), np.ones(7), f)
+    t = pq.read_table(tmp_path / "f.parquet")
+    assert t.schema.equals(manifests.schema("features"), check_metadata=False)
+    fs = read_features(tmp_path / "f.parquet")
+    assert fs.keys == list("abcdefg") and fs.pids.tolist() == list(range(7)) and fs.camids.tolist() == [1] * 7
+    np.testing.assert_array_equal(fs.feats.numpy(), f)
+    write_features(tmp_path / "k.parquet", list("abc"), None, None, f[:3])
+    fs = read_features(tmp_path / "k.parquet")
+    assert fs.pids is None and fs.camids is None
+
+
+def test_eval_feature_files(feats):
+    tmp, (qf, ql, qc, gf, gl, gc, qkeys, gkeys) = feats
+    out = tmp / "run"
+    r = run("eval", tmp / "nodst", "--query-features", tmp / "query.parquet", "--gallery-features",
+            tmp / "gallery.parquet", "--out", out, "--chunk", 5)
+    assert r.exit_code == 0, r.output
+    assert "Rank-1" in r.output and "mAP (official, trapezoidal)" in r.output and "mAP (standard)" in r.output
+    m = json.loads((out / "metrics.json").read_text())
+    want = score(torch.from_numpy(qf), ql, qc, torch.from_numpy(gf), gl, gc).summary()
+    for k, v in want.items():
+        assert m["metrics"][k] == pytest.approx(v, abs=1e-12), k
+    assert len(m["cmc"]) == 20 and m["metrics"]["queries"] == 12 and m["metrics"]["gallery"] == 80
+    assert "trapezoidal" in m["definitions"]["mAP_official"] and m["definitions"]["tie_rule"]
+    pqt = pq.read_table(out / "per_query.parquet")
+    assert pqt.schema.equals(manifests.schema("per_query"), check_metadata=False)
+    assert pqt["key"].to_pylist() == qkeys
+    assert all(len(t) == 10 and set(t) <= set(gkeys) for t in pqt["top_keys"].to_pylist())
+    assert_png(out / "cmc.png")
+    assert_png(out / "ranked.png", min_w=500, min_h=100)
+    # --json prints the same metrics
+    r = run("eval", "--query-features", tmp / "query.parquet", "--gallery-features", tmp / "gallery.parquet",
+            "--out", tmp / "run2", "--json", "--show", "q003", "--show", "q001")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["metrics"] == m["metrics"]
+
+
+def test_keys_only_file_joined_with_split_manifest(feats):
+    tmp, (qf, ql, qc, gf, gl, gc, qkeys, gkeys) = feats
+    dst = tmp / "dst"
+    (dst / "manifests").mkdir(parents=True)
+    rows = ([("test", "query", k, int(p), 2, False, None, f"query/{k}.jpg") for k, p in zip(qkeys, ql)]
+            + [("test", "gallery", k, int(p), 1, bool(p == DISTRACTOR_PID), None, f"gallery/{k}.jpg")
+               for k, p in zip(gkeys, gl)]
+            + [("val", "query", "q000", 5, 2, False, 5, "x.jpg")])        # another split's row: ignored
+    cols = list(zip(*rows))
+    schema = manifests.schema("split")
+    pq.write_table(pa.table([pa.array(c, f.type) for c, f in zip(cols, schema)], schema=schema),
+                   dst / manifests.relpath("split"))
+    write_features(tmp / "gkeys.parquet", gkeys, None, None, gf)          # gallery: keys only
+    out = tmp / "joined"
+    r = run("eval", dst, "--query-features", tmp / "query.parquet", "--gallery-features", tmp / "gkeys.parquet",
+            "--out", out)
+    assert r.exit_code == 0, r.output
+    want = score(torch.from_numpy(qf), ql, qc, torch.from_numpy(gf), gl, gc).summary()
+    got = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert got == pytest.approx(want, abs=1e-12)
+    # a key the split does not know is a user error
+    write_features(tmp / "bad.parquet", gkeys[:-1] + ["nope"], None, None, gf)
+    p = cli_main("eval", dst, "--query-features", tmp / "query.parquet", "--gallery-features", tmp / "bad.parquet",
+                 "--out", tmp / "bad")
+    assert p.returncode == 2 and "nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_compare(feats, tmp_path):
+    tmp, (qf, ql, qc, gf, gl, gc, qkeys, gkeys) = feats
+    a, b = tmp / "a", tmp / "b"
+    assert run("eval", "--query-features", tmp / "query.parquet", "--gallery-features", tmp / "gallery.parquet",
+               "--out", a).exit_code == 0
+    rng = np.random.default_rng(5)
+    write_features(tmp / "g2.parquet", gkeys, gl, gc, rng.standard_normal(gf.shape).astype(np.float32))
+    assert run("eval", "--query-features", tmp / "query.parquet", "--gallery-features", tmp / "g2.parquet",
+               "--out", b).exit_code == 0
+    before = sorted(p.name for p in tmp.rglob("*"))
+    r = run("eval", "--compare", a, b)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "B-A" in lines[0] and any(l.startswith("Rank-1") for l in lines)
+    ma = json.loads((a / "metrics.json").read_text())["metrics"]
+    mb = json.loads((b / "metrics.json").read_text())["metrics"]
+    rank1 = next(l for l in lines if l.startswith("Rank-1")).split()
+    assert rank1[1:] == [f"{100 * ma['rank1']:.2f}", f"{100 * mb['rank1']:.2f}",
+                         f"{100 * (mb['rank1'] - ma['rank1']):+.2f}"]
+    assert sorted(p.name for p in tmp.rglob("*")) == before           # writes nothing
+
+
+def test_user_errors(feats):
+    tmp, (qf, ql, qc, gf, gl, gc, qkeys, gkeys) = feats
+    cases = [
+        (["eval", "--query-features", tmp / "missing.parquet", "--gallery-features", tmp / "gallery.parquet"],
+         "no feature file"),
+        (["eval", "--compare", tmp / "nowhere", tmp], "metrics.json"),
+        (["eval", "--query-features", tmp / "query.parquet"], "go together"),
+        (["eval"], "nothing to evaluate"),
+    ]
+    write_features(tmp / "g8.parquet", gkeys, gl, gc, gf[:, :8])
+    cases.append((["eval", "--query-features", tmp / "query.parquet", "--gallery-features", tmp / "g8.parquet",
+                   "--out", tmp / "x"], "16-d"))
+    write_features(tmp / "qk.parquet", qkeys, None, None, qf)
+    cases.append((["eval", "--query-features", tmp / "qk.parquet", "--gallery-features", tmp / "gallery.parquet",
+                   "--out", tmp / "y"], "pid/camid"))
+    (tmp / "junk.parquet").write_bytes(b"not parquet")
+    cases.append((["eval", "--query-features", tmp / "junk.parquet", "--gallery-features", tmp / "gallery.parquet",
+                   "--out", tmp / "z"], "not a Parquet"))
+    for args, needle in cases:
+        p = cli_main(*args, cwd=tmp)
+        assert p.returncode == 2, (args, p.stderr)
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (args, p.stderr)
+
+
+# ----------------------------------------------------------------------------- checkpoint end to end
+
+@pytest.fixture(scope="module")
+def packed_split(tiny_tree, tmp_path_factory):
+    from sysu30k.plan import ShardingOptions
+    from sysu30k.shard import ShardJob, run_shard
+    from sysu30k.split import build_splits
+
+    dst = tmp_path_factory.mktemp("evaldst") / "dst"
+    run_shard(str(tiny_tree), str(dst), ShardJob(ShardingOptions(shard_count=7)), show_progress=False)
+    build_splits(str(dst), scheduler="sync")
+    return dst
+
+
+def test_checkpoint_end_to_end(packed_split, tmp_path):
+    from sysu30k.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=32)
+    model = build_model(cfg)
+    ckpt = tmp_path / "run" / "net_0.pth"
+    ckpt.parent.mkdir()
+    torch.save({"config": {"model": cfg.to_dict()}, "model": model.state_dict()}, ckpt)
+    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--batch", 16, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run" / "eval-test"
+    cache = list(out.glob("features-test-*.parquet"))
+    assert len(cache) == 1 and len(cache[0].name) == len("features-test-") + 12 + len(".parquet")
+    fs = read_features(cache[0])
+    assert fs.feats.shape[1] == 32
+    np.testing.assert_allclose(fs.feats.norm(dim=1).numpy(), 1.0, atol=1e-5)      # L2-normalised
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metrics"]["queries"] == 5 and m["metrics"]["gallery"] == 5 + 12
+    assert_png(out / "ranked.png", min_w=500, min_h=100)
+    # thumbnails came from the shards: the ranked list has colour beyond frames and grey placeholders
+    with Image.open(out / "ranked.png") as im:
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 200
+    # second run: the cache is used (same metrics, the file untouched)
+    mtime = cache[0].stat().st_mtime_ns
+    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["metrics"] == m["metrics"] and cache[0].stat().st_mtime_ns == mtime

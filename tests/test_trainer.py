@@ -1,0 +1,131 @@
+"""train-weak: it learns, it resumes exactly after SIGTERM or SIGKILL, its checkpoints are safe to load,
+and it runs under torchrun (DDP on CPU with gloo)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sysu30k.checkpoint import load
+from sysu30k.model import build_model
+
+ARGS = ["--arch", "resnet18", "--embedding", "32", "--height", "64", "--width", "32", "--bags", "4",
+        "--per-bag", "6", "--optimizer", "adam", "--lr", "0.001", "--head-lr-mult", "10", "--workers", "0",
+        "--decoder", "pil", "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    from sysu30k.plan import ShardingOptions
+    from sysu30k.shard import ShardJob, run_shard
+    from sysu30k.synth import SynthConfig, write_synth
+
+    root = tmp_path_factory.mktemp("train")
+    write_synth(str(root / "raw"), SynthConfig(folders=8, images_per_folder=8, test_ids=4, distractors=6, seed=2,
+                                               impurity=0.0))
+    run_shard(str(root / "raw"), str(root / "dst"), ShardJob(ShardingOptions(shard_count=20)), show_progress=False)
+    return root / "dst"
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "sysu30k", "-q", *args], env=ENV, capture_output=True, text=True,
+                          **kw)
+
+
+def epochs(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+
+
+def weights(path: Path) -> dict:
+    return load(path)["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tiny_run_lowers_the_loss_and_checkpoints_rebuild(packed, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train-weak", str(packed), "--out", str(run), "--method", "folder", "--epochs", "4", *ARGS)
+    assert result.returncode == 0, result.stderr
+    losses = [e["train_total"] for e in epochs(run)]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.9, losses
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["config"]["method"] == "folder" and state["config"]["model"]["num_classes"] == 8
+    model = build_model(state["config"]["model"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    assert model(torch.zeros(2, 3, 64, 32)).shape == (2, 32)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"epoch-{i:03d}.pt" for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("method", ["dgl", "unary"])
+def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(packed, tmp_path, method):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = ["--method", method, "--epochs", "2", "--log-every", "1", *ARGS]
+    assert cli("train-weak", str(packed), "--out", str(straight), *args).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "sysu30k", "-q", "train-weak", str(packed), "--out", str(stopped),
+                             *args], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (stopped / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    while time.monotonic() < deadline and '"event": "step"' not in (stopped / "metrics.jsonl").read_text():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    state = load(stopped / "last.pt")
+    assert state["loader"]["epoch"] == 0 and 0 < state["loader"]["consumed"]          # stopped mid-epoch 1
+    assert cli("train-weak", str(packed), "--out", str(stopped), *args).returncode == 0
+    assert same_weights(weights(straight / "last.pt"), weights(stopped / "last.pt"))
+    assert load(stopped / "last.pt")["optimizer"]["state"].keys() == load(straight / "last.pt")["optimizer"]["state"].keys()
+
+
+def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(packed, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["--method", "dgl", "--epochs", "3", *ARGS]
+    assert cli("train-weak", str(packed), "--out", str(straight), *args).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "sysu30k", "-q", "train-weak", str(packed), "--out", str(killed),
+                             *args], env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (killed / "checkpoints" / "epoch-001.pt").exists():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "epoch-003.pt").exists()
+    assert cli("train-weak", str(packed), "--out", str(killed), *args).returncode == 0
+    assert same_weights(weights(straight / "last.pt"), weights(killed / "last.pt"))
+
+
+def test_other_settings_on_an_existing_run_are_refused(packed, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS).returncode == 0
+    again = cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", "--seed", "5", *ARGS)
+    assert again.returncode == 2 and "other settings" in again.stderr
+    assert cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", "--seed", "5", "--overwrite",
+               *ARGS).returncode == 0
+    bad = cli("train-weak", str(packed), "--out", str(tmp_path / "x"), "--lr-steps", "ten", *ARGS)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_torchrun_two_ranks_on_cpu(packed, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with socket.socket() as sock:                              # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
+                             "-m", "sysu30k", "-q",
+                             "train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = epochs(run)[-1]
+    assert record["step"] >= 1 and (run / "best.pt").exists()
