@@ -155,6 +155,9 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
         log.info("training %s on %d images (%d classes), %d batches/epoch, %s, %s decoder",
                  cfg.method, sum(len(s) for s in loader.catalog), cfg.model.num_classes, len(loader), device,
                  loader.decoder)
+    if cfg.epochs == 0 and rank == 0:                  # the initialised model, e.g. as an untrained baseline
+        _save(out / "last.pt", cfg, model, optimizer, schedule, loader, 0, 0, None)
+        _save(out / "best.pt", cfg, model, optimizer, schedule, loader, 0, 0, None)
     stop = _StopFlag()
     record: dict = {}
     try:
