@@ -51,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import machine  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = ["base", "pil-f32", "pil-u8", "dali-f32", "dali-u8", "pil-f32-s3", "pil-u8-s3"]
@@ -207,25 +209,6 @@ def warm(dst: Path) -> None:
                     pass
 
 
-def machine() -> dict:
-    from importlib import metadata
-
-    import PIL
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": model,
-            "python": platform.python_version(), "pillow": PIL.__version__,
-            "pillow_simd": version("pillow-simd") is not None, "torch": version("torch"),
-            "torchvision": version("torchvision"), "webdataset": version("webdataset"),
-            "dali": version("nvidia-dali-cuda130") or version("nvidia-dali-cuda120"),
-            "loadavg_start": os.getloadavg()}
 
 
 # ----------------------------------------------------------------------------- orchestration

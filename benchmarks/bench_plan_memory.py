@@ -42,6 +42,8 @@ from pathlib import Path
 import fsspec
 from fsspec import AbstractFileSystem
 
+from common import machine, package_digest  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The released shape (SYSU30K.md): 29,606,918 = 29,126,188 train + 1,000 query + 479,730 gallery.
@@ -267,25 +269,8 @@ def _du(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- orchestration
 
-def package_digest() -> dict:
-    """sha256 (first 12 hex) of every sysu30k source file: which package version a figure belongs to."""
-    import hashlib
-    pkg = ROOT / "sysu30k"
-    return {str(f.relative_to(pkg)): hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(pkg.rglob("*.py"))}
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import pyarrow
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "pyarrow": pyarrow.__version__, "fsspec": fsspec.__version__,
-            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_avg_at_start": os.getloadavg()}
 
 
 def med(rs: list[dict], key: str) -> float:

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import machine, package_digest  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PASS_CONFIGS = ["base-wds", "ours-full-w1", "ours-full-w2", "ours-full-w2-s16", "ours-head-w1", "ours-head-w2",
@@ -230,27 +232,8 @@ def run_child(config: str, src: Path, dst: Path) -> dict:
     return res
 
 
-def package_digest() -> dict:
-    """sha256 (first 12 hex) of every sysu30k source file: which package version a figure belongs to."""
-    import hashlib
-    pkg = ROOT / "sysu30k"
-    return {str(f.relative_to(pkg)): hashlib.sha256(f.read_bytes()).hexdigest()[:12] for f in sorted(pkg.rglob("*.py"))}
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import PIL
-    import pyarrow
-    import webdataset
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "pillow": PIL.__version__,
-            "pyarrow": pyarrow.__version__, "webdataset": webdataset.__version__,
-            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_avg_at_start": os.getloadavg()}
 
 
 def summarise(runs: dict[str, list[dict]]) -> list[dict]:
