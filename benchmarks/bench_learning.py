@@ -90,6 +90,36 @@ def truth_by_key(dst: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def train_diagnostics(model, dst: Path, truth: dict, height: int, width: int) -> dict:
+    """Does the trained classifier name the true identity of the training images? Argmax over all classes,
+    and over the folder's ±2 neighbourhood (a 5-folder bag's label set); pure and impure images apart."""
+    import torch
+
+    from sysu30k.loader import EvalLoader, LoaderOptions, TransformSpec
+
+    loader = EvalLoader(str(dst), "train", 128, TransformSpec(height=height, width=width, train=False),
+                        LoaderOptions(workers=1), flip=False)
+    hits = {"pure": [0, 0, 0], "impure": [0, 0, 0]}   # [n, argmax over all classes, over folder±2]
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            b = batch.to("cpu", torch.float32)          # ImageNet normalisation, as in training
+            logits = model.classifier(model(b.images))
+            for i, key in enumerate(b.keys):
+                if not bool(b.valid[i]):
+                    continue
+                true, folder = truth[key]
+                kind = "pure" if true == folder else "impure"
+                lo, hi = max(folder - 3, 0), min(folder + 2, logits.shape[1])
+                hits[kind][0] += 1
+                hits[kind][1] += int(int(logits[i].argmax()) == true - 1)
+                hits[kind][2] += int(lo + int(logits[i, lo:hi].argmax()) == true - 1)
+    out = {f"{kind}_{name}": h[j] / max(h[0], 1) for kind, h in hits.items()
+           for j, name in ((1, "acc_all"), (2, "acc_window"))}
+    out.update({f"{kind}_n": h[0] for kind, h in hits.items()})
+    return out
+
+
 # -------------------------------------------------------------------------------------------- child
 def child(args) -> None:
     """Train one method on one DST, score it on the test split, and write a JSON record."""
@@ -109,7 +139,7 @@ def child(args) -> None:
     targets = {k: t - 1 for k, (t, _) in truth.items()} if args.method == "oracle" else None
     cfg = TrainConfig(method="folder" if args.method == "oracle" else args.method,
                       model=ModelConfig(arch="resnet18", embedding=args.embedding, pretrained=None),
-                      epochs=args.epochs, bags=args.bags, per_bag=args.per_bag, height=128, width=64,
+                      epochs=args.epochs, bags=args.bags, per_bag=args.per_bag, height=args.height, width=args.width,
                       optimizer=args.optimizer, lr=args.lr, head_lr_mult=args.head_lr_mult,
                       weight_decay=args.weight_decay,
                       lr_steps=tuple(int(s) for s in args.lr_steps.split(",") if s),
@@ -128,32 +158,14 @@ def child(args) -> None:
     metrics = None
     for attempt in range(10):                       # sysu30k.evaluation may still be in flux: retry
         try:
-            metrics = evaluate_split(model, str(dst), "test", torch.device("cpu"), 128, 64, 128, 1)
+            metrics = evaluate_split(model, str(dst), "test", torch.device("cpu"), args.height, args.width, 128, 1)
             break
         except ImportError as exc:
             print(f"evaluation import failed ({exc}); retrying in 60 s", file=sys.stderr)
             time.sleep(60)
     eval_s = time.perf_counter() - t0
 
-    # Does the classifier name the true identity of the training images?
-    loader = EvalLoader(str(dst), "train", 128, TransformSpec(height=128, width=64, train=False),
-                        LoaderOptions(workers=1), flip=False)
-    hits = {"pure": [0, 0, 0], "impure": [0, 0, 0]}   # [n, argmax over all classes, over folder±2]
-    with torch.inference_mode():
-        for batch in loader:
-            logits = model.classifier(model(batch.images.float()))
-            for i, key in enumerate(batch.keys):
-                if not bool(batch.valid[i]):
-                    continue
-                true, folder = truth[key]
-                kind = "pure" if true == folder else "impure"
-                lo, hi = max(folder - 3, 0), min(folder + 2, logits.shape[1])
-                hits[kind][0] += 1
-                hits[kind][1] += int(int(logits[i].argmax()) == true - 1)
-                hits[kind][2] += int(lo + int(logits[i, lo:hi].argmax()) == true - 1)
-    train_acc = {f"{kind}_{name}": h[j] / max(h[0], 1) for kind, h in hits.items()
-                 for j, name in ((1, "acc_all"), (2, "acc_window"))}
-    train_acc.update({f"{kind}_n": h[0] for kind, h in hits.items()})
+    train_acc = train_diagnostics(model, dst, truth, args.height, args.width)
     terms = {k: v for k, v in last.items() if k.startswith("train_")}
     record = {"method": args.method, "dst": str(dst), "config": cfg.to_dict(), "test": metrics,
               "train_classifier": train_acc, "last_epoch": terms, "train_s": train_s, "eval_s": eval_s,
@@ -165,7 +177,7 @@ def child(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ summary
-HP = ("epochs", "bags", "per_bag", "optimizer", "lr", "head_lr_mult", "weight_decay", "lr_steps", "embedding",
+HP = ("height", "width", "epochs", "bags", "per_bag", "optimizer", "lr", "head_lr_mult", "weight_decay", "lr_steps", "embedding",
       "w_pairwise", "w_triplet", "sigma", "margin", "train_seed")
 
 
@@ -237,6 +249,8 @@ def main() -> None:
     p.add_argument("--test-ids", type=int, default=100)
     p.add_argument("--distractors", type=int, default=200)
     p.add_argument("--impurity", type=float, default=0.3)
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--bags", type=int, default=8)
     p.add_argument("--per-bag", type=int, default=6)
@@ -251,6 +265,9 @@ def main() -> None:
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--margin", type=float, default=1.2)
     p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="children run at once (each under nice -n 19)")
+    p.add_argument("--from-runs", action="store_true", help="no training: summarise runs/<tag>/ as it is")
+    p.add_argument("--rediag", action="store_true", help="with --from-runs: recompute the train-image diagnostics")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--dst", help=argparse.SUPPRESS)
@@ -270,27 +287,57 @@ def main() -> None:
     runs = out / "runs" / args.tag
     runs.mkdir(parents=True, exist_ok=True)
     hp = {k: getattr(args, k) for k in HP}
-    results, t_start = [], time.time()
+    t_start = time.time()
+    jobs = []
     for seed in seeds:
         t0 = time.perf_counter()
         dst = build_data(args, seed, out / "data")
         print(f"seed {seed}: data ready in {time.perf_counter() - t0:.1f} s ({dst})", flush=True)
-        for method in methods:
-            res = runs / f"s{seed}-{method}.json"
-            cmd = _nice([sys.executable, str(Path(__file__).resolve()), "--child", "--method", method,
-                         "--dst", str(dst), "--run-dir", str(runs / f"s{seed}-{method}"), "--result", str(res),
-                         *[x for k in HP for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]])
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0 or not res.exists():
-                print(f"seed {seed} {method}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-                results.append({"seed": seed, "method": method, "failed": proc.stderr[-3000:]})
-                continue
-            rec = json.loads(res.read_text())
-            rec.update(seed=seed, child_wall_s=wall)
-            results.append(rec)
-            print(f"seed {seed} {method}: {proc.stdout.strip().splitlines()[-1]} (wall {wall:.0f} s)", flush=True)
+        jobs += [(seed, method, dst) for method in methods]
+
+    def run_one(job):
+        seed, method, dst = job
+        res = runs / f"s{seed}-{method}.json"
+        res.unlink(missing_ok=True)
+        cmd = _nice([sys.executable, str(Path(__file__).resolve()), "--child", "--method", method,
+                     "--dst", str(dst), "--run-dir", str(runs / f"s{seed}-{method}"), "--result", str(res),
+                     *[x for k in HP for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]])
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not res.exists():
+            print(f"seed {seed} {method}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            return {"seed": seed, "method": method, "failed": proc.stderr[-3000:]}
+        rec = json.loads(res.read_text())
+        rec.update(seed=seed, child_wall_s=wall, parallel_jobs=args.jobs)
+        res.write_text(json.dumps(rec, indent=1))
+        print(f"seed {seed} {method}: {proc.stdout.strip().splitlines()[-1]} (wall {wall:.0f} s)", flush=True)
+        return rec
+
+    def read_one(job):
+        """--from-runs: a finished child's record (diagnostics recomputed with --rediag)."""
+        seed, method, dst = job
+        res = runs / f"s{seed}-{method}.json"
+        if not res.exists():
+            return {"seed": seed, "method": method, "failed": "no result"}
+        rec = json.loads(res.read_text())
+        if args.rediag:
+            from sysu30k import checkpoint
+            from sysu30k.model import build_model
+            state = checkpoint.load(runs / f"s{seed}-{method}" / "last.pt")
+            model = build_model(state["config"]["model"])
+            model.load_state_dict(state["model"])
+            rec["train_classifier"] = train_diagnostics(model, dst, truth_by_key(dst), args.height, args.width)
+            res.write_text(json.dumps(rec, indent=1))
+        rec.setdefault("seed", seed)
+        return rec
+
+    from concurrent.futures import ThreadPoolExecutor
+    if args.from_runs:
+        results = [read_one(j) for j in jobs]
+    else:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(run_one, jobs))
     summary, table = summarise(results, methods, seeds)
     sources = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((ROOT / "sysu30k").rglob("*.py"))}
     import torch

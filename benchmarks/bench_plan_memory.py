@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import posixpath
 import shutil
 import statistics

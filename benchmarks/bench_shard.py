@@ -36,7 +36,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess

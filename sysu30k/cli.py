@@ -238,19 +238,24 @@ def peek(dst: str, out: str, index: int, bags: int, per_bag: int, height: int, w
                    "Default: eval-SPLIT beside the checkpoint or the query feature file.")
 @click.option("--compare", nargs=2, metavar="RUN_A RUN_B", default=None,
               help="Print two runs' metrics side by side (writes nothing).")
-@click.option("--chunk", default=64, show_default=True, help="Queries per similarity block (memory: CHUNK x gallery).")
+@click.option("--chunk", type=int, default=None,
+              help="Queries per similarity block (memory: CHUNK x gallery x 4 bytes). Default: 64 on a GPU, "
+                   "up to 512 MB of scores on the CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1 ...")
 @click.option("--show", multiple=True, metavar="KEY", help="Query key for ranked.png (repeatable; default: the worst).")
 @click.option("--worst", default=6, show_default=True, help="Worst queries drawn in ranked.png when no --show.")
 @click.option("--batch", default=128, show_default=True, help="Extraction batch size.")
 @click.option("--workers", default=2, show_default=True, help="Loader processes for extraction.")
+@click.option("--height", default=256, show_default=True, help="Extraction: resize height (bicubic).")
+@click.option("--width", default=128, show_default=True, help="Extraction: resize width.")
 @click.option("--no-flip", is_flag=True, help="Do not add the flipped image's feature.")
 @click.option("--no-normalize", is_flag=True, help="Do not L2-normalise features.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
 def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: str | None,
-          gallery_features: str | None, out_dir: str | None, compare: tuple[str, str] | None, chunk: int, device: str,
-          show: tuple[str, ...], worst: int, batch: int, workers: int, no_flip: bool, no_normalize: bool,
-          as_json: bool) -> None:
+          gallery_features: str | None, out_dir: str | None, compare: tuple[str, str] | None, chunk: int | None,
+          device: str,
+          show: tuple[str, ...], worst: int, batch: int, workers: int, height: int, width: int, no_flip: bool,
+          no_normalize: bool, as_json: bool) -> None:
     """Evaluate with the official SYSU-30k protocol: rank-1/5/10/20 and both mAPs.
 
     sysu30k eval DST --checkpoint CKPT [--split test|val] extracts features (cached in the run folder);
@@ -274,8 +279,8 @@ def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: s
             raise UserError("--checkpoint needs DST (the packed dataset to extract features from)")
         out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"eval-{split}")
         metrics = run.evaluate_checkpoint(dst, checkpoint, split, out_dir, device=device, chunk=chunk, batch=batch,
-                                          workers=workers, flip=not no_flip, normalize=not no_normalize, show=show,
-                                          worst=worst)
+                                          workers=workers, flip=not no_flip, normalize=not no_normalize, height=height,
+                                          width=width, show=show, worst=worst)
     elif query_features or gallery_features:
         if not (query_features and gallery_features):
             raise UserError("--query-features and --gallery-features go together")

@@ -148,6 +148,5 @@ def load_plan(dst: Storage) -> dict | None:
 
 def read_shard_rows(dst: Storage, subset: str, index: int) -> pa.Table:
     """The planned rows of shard ``index`` of ``subset``."""
-    with dst.open(f"{PLAN_DIR}/{subset}.parquet") as f:
-        return pq.ParquetFile(f).read_row_group(index)
+    return dst.read_row_group(f"{PLAN_DIR}/{subset}.parquet", index)
 

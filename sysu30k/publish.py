@@ -25,8 +25,7 @@ SUMMARY_VERSION = 1
 
 
 def _read(dst: Storage, rel: str) -> pa.Table:
-    with dst.open(rel) as f:
-        return pq.read_table(f)
+    return dst.read_table(rel)
 
 
 def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:

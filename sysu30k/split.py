@@ -334,7 +334,7 @@ def choose_holdout(folder_counts: dict[int, int], n: int, seed: int = 0, block: 
         block_of.update({f: b for f in band + members})
         pos += size + 2 * GUARD + int(gap)
     if not query:
-        raise UserError(f"no folder of the val query blocks has 2 images or more, so none can give a query "
+        raise UserError("no folder of the val query blocks has 2 images or more, so none can give a query "
                         "and its true match; pass another --seed or more --val-folders")
     return Holdout(tuple(sorted(query)), tuple(sorted(distractor)), tuple(sorted(guard)), tuple(blocks), block_of)
 
@@ -579,8 +579,7 @@ def excluded_folders(dst_url: str, storage_options: dict | None = None) -> set[i
     rel = manifests.relpath("holdout")
     if not dst.exists(rel):
         return set()
-    with dst.open(rel) as f:
-        folders = set(pq.read_table(f, columns=["folder"])["folder"].to_pylist())
+    folders = set(dst.read_table(rel, columns=["folder"])["folder"].to_pylist())
     summary = json.loads(dst.read_text(SPLIT_SUMMARY)) if dst.exists(SPLIT_SUMMARY) else None
     v = summary["val"] if summary else None
     if v is None or folders != set(v["query_folders"]) | set(v["distractor_folders"]) | set(v["guard_folders"]):
@@ -610,8 +609,7 @@ def training_bags(dst_url: str, storage_options: dict | None = None) -> pa.Table
     dst = Storage(dst_url, storage_options)
     if not dst.exists(manifests.relpath("bags")):
         raise UserError(f"{dst.url} has no {manifests.relpath('bags')}: pack the training set with `sysu30k shard`")
-    with dst.open(manifests.relpath("bags")) as f:
-        bags = pq.read_table(f)
+    bags = dst.read_table(manifests.relpath("bags"))
     return _drop_bags(bags, excluded_folders(dst_url, storage_options))
 
 
@@ -619,6 +617,5 @@ def _bag_counts(dst: Storage, excluded: set[int]) -> tuple[int, int]:
     rel = manifests.relpath("bags")
     if not dst.exists(rel):
         return 0, 0
-    with dst.open(rel) as f:
-        bags = pq.read_table(f)
+    bags = dst.read_table(rel)
     return _drop_bags(bags, excluded).num_rows, bags.num_rows

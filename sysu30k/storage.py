@@ -25,6 +25,8 @@ from typing import IO, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import fsspec.implementations.local
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import UserError
 from .retry import RetryPolicy, is_transient, retry
@@ -118,6 +120,21 @@ class Storage:
             if not pending:
                 break
         return [got.get(p, FileNotFoundError(p)) for p in paths]
+
+    def read_table(self, rel: str, **kwargs) -> pa.Table:
+        """A Parquet file as a table (``kwargs`` go to ``pq.read_table``). Local files are read by path:
+        Arrow reading through a Python file object can abort a process that imported torch at exit."""
+        if self.local:
+            return pq.read_table(self.path(rel), **kwargs)
+        with self.open(rel) as f:
+            return pq.read_table(f, **kwargs)
+
+    def read_row_group(self, rel: str, index: int) -> pa.Table:
+        """Row group ``index`` of a Parquet file (by path when local, as ``read_table``)."""
+        if self.local:
+            return pq.ParquetFile(self.path(rel)).read_row_group(index)
+        with self.open(rel) as f:
+            return pq.ParquetFile(f).read_row_group(index)
 
     def read_text(self, rel: str) -> str:
         return self.read(rel).decode("utf-8")

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -78,8 +77,8 @@ class RunOptions:
 
 def num_classes(dst: Storage) -> int:
     """The classifier's size: the largest training folder id (class = folder - 1)."""
-    with dst.open(manifests.relpath("images")) as f:
-        folder = pq.read_table(f, columns=["folder"], filters=[("subset", "=", "train")])["folder"]
+    folder = dst.read_table(manifests.relpath("images"), columns=["folder"],
+                            filters=[("subset", "=", "train")])["folder"]
     if len(folder) == 0:
         raise UserError(f"{dst.url} has no training images")
     return int(pc.max(folder).as_py())

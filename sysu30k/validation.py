@@ -7,7 +7,6 @@ gallery shards. Features are extracted as the official evaluator makes them (fli
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
 import torch
 
 from . import manifests
@@ -20,9 +19,8 @@ def split_rows(dst: Storage, split: str) -> dict[str, dict] | None:
     rel = manifests.relpath("split")
     if not dst.exists(rel):
         return None
-    with dst.open(rel) as f:
-        rows = pq.read_table(f, columns=["split", "role", "key", "pid", "camid"],
-                             filters=[("split", "=", split)]).to_pylist()
+    rows = dst.read_table(rel, columns=["split", "role", "key", "pid", "camid"],
+                          filters=[("split", "=", split)]).to_pylist()
     if not rows:
         return None
     out: dict[str, dict] = {"query": {}, "gallery": {}}

@@ -152,7 +152,7 @@ def test_compare(feats, tmp_path):
     assert sorted(p.name for p in tmp.rglob("*")) == before           # writes nothing
 
 
-def test_user_errors(feats):
+def test_user_errors(feats, monkeypatch):
     tmp, (qf, ql, qc, gf, gl, gc, qkeys, gkeys) = feats
     cases = [
         (["eval", "--query-features", tmp / "missing.parquet", "--gallery-features", tmp / "gallery.parquet"],
@@ -170,11 +170,17 @@ def test_user_errors(feats):
     (tmp / "junk.parquet").write_bytes(b"not parquet")
     cases.append((["eval", "--query-features", tmp / "junk.parquet", "--gallery-features", tmp / "gallery.parquet",
                    "--out", tmp / "z"], "not a Parquet"))
-    for args, needle in cases:
-        p = cli_main(*args, cwd=tmp)
-        assert p.returncode == 2, (args, p.stderr)
-        err = p.stderr.strip().splitlines()
-        assert len(err) == 1 and needle in err[0], (args, p.stderr)
+    from sysu30k.errors import UserError
+
+    monkeypatch.chdir(tmp)
+    for args, needle in cases:                     # in process: each raises a one-line UserError
+        r = run(*args)
+        assert isinstance(r.exception, UserError), (args, r.output, r.exception)
+        msg = str(r.exception)
+        assert "\n" not in msg and needle in msg, (args, msg)
+    # and through the real entry point: one line on stderr, exit status 2
+    p = cli_main(*cases[-3][0], cwd=tmp)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "16-d" in p.stderr, p.stderr
 
 
 # ----------------------------------------------------------------------------- checkpoint end to end
@@ -200,7 +206,8 @@ def test_checkpoint_end_to_end(packed_split, tmp_path):
     ckpt = tmp_path / "run" / "net_0.pth"
     ckpt.parent.mkdir()
     torch.save({"config": {"model": cfg.to_dict()}, "model": model.state_dict()}, ckpt)
-    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--batch", 16, "--device", "cpu")
+    small = ("--height", 64, "--width", 32)
+    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--batch", 16, "--device", "cpu", *small)
     assert r.exit_code == 0, r.output
     out = tmp_path / "run" / "eval-test"
     cache = list(out.glob("features-test-*.parquet"))
@@ -216,6 +223,11 @@ def test_checkpoint_end_to_end(packed_split, tmp_path):
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 200
     # second run: the cache is used (same metrics, the file untouched)
     mtime = cache[0].stat().st_mtime_ns
-    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--json")
+    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--json", *small)
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["metrics"] == m["metrics"] and cache[0].stat().st_mtime_ns == mtime
+    # other extraction settings: extracted again (same file name: keyed by checkpoint and split)
+    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--no-flip", *small)
+    assert r.exit_code == 0, r.output
+    assert cache[0].stat().st_mtime_ns != mtime
+    assert pq.read_schema(cache[0]).metadata[b"flip"] == b"False"

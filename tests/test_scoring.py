@@ -66,7 +66,7 @@ def ref_evaluate(qf, ql, qc, gf, gl, gc):
 def ref_all(qf, ql, qc, gf, gl, gc):
     CMC = np.zeros(len(gl))
     ap = 0.0
-    aps, firsts, rows, std = [], [], [], []
+    aps, firsts, std = [], [], []
     for i in range(len(ql)):
         ap_tmp, CMC_tmp, first, rows_good = ref_evaluate(qf[i], ql[i], qc[i], gf, gl, gc)
         aps.append(ap_tmp)
@@ -226,14 +226,12 @@ def test_single_ground_truth_ap(r):
     assert off == pytest.approx(1.0 if r == 0 else 1 / (2 * (r + 1)), abs=1e-12)
     assert std == pytest.approx(1 / (r + 1), abs=1e-12)
     # and through score(): one true match below r negatives
-    d = 4
     g = np.array([[1.0, 0, 0, 0]] * r + [[0.5, 0, 0, 0]])
     s = score(torch.tensor([[1.0, 0, 0, 0]]), [3], [2], torch.tensor(g, dtype=torch.float32),
               [DISTRACTOR_PID] * r + [3], [1] * (r + 1), chunk=1)
     assert s.first_rank[0] == r
     assert s.map_official == pytest.approx(1.0 if r == 0 else 1 / (2 * (r + 1)), abs=1e-12)
     assert s.map_standard == pytest.approx(1 / (r + 1), abs=1e-12)
-    assert d == 4
 
 
 def test_summary_and_per_query_schema():

@@ -19,7 +19,6 @@ from PIL import Image
 import imagefiles as f
 from conftest import tree_digest
 from sysu30k.cli import cli
-from sysu30k.imageproc import ImageOptions
 from sysu30k.plan import ShardingOptions
 from sysu30k.shard import ShardJob, run_shard
 

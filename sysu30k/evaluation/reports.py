@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from .. import manifests
 from ..errors import UserError
 from ..storage import Storage
+from .features import read_parquet
 from .scoring import TIE_RULE, Scores
 
 log = logging.getLogger("sysu30k")
@@ -125,8 +126,8 @@ class Thumbnails:
         try:
             if not self.dst.exists(rel):
                 return {}
-            with self.dst.open(rel) as f:
-                t = pq.read_table(f, columns=["key", "shard", "offset", "size"], filters=[("key", "in", list(set(keys)))])
+            t = read_parquet(self.dst, rel, columns=["key", "shard", "offset", "size"],
+                             filters=[("key", "in", list(set(keys)))])
         except Exception as exc:                     # thumbnails are decoration: never fail the run
             log.warning("ranked list without thumbnails: %s", str(exc).splitlines()[0] if str(exc) else exc)
             return {}

@@ -16,9 +16,9 @@ import torch
 from .. import manifests
 from ..errors import UserError
 from ..storage import Storage
-from .features import FeatureSet, extract_features, join_split, read_features, write_features
+from .features import FeatureSet, extract_features, join_split, read_features, read_parquet, write_features
 from .reports import write_run
-from .scoring import score
+from .scoring import auto_chunk, score
 
 log = logging.getLogger("sysu30k")
 SPLITS = ("test", "val")
@@ -38,7 +38,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def evaluate_features(dst_url: str | None, query_features: str, gallery_features: str, out_dir: str,
-                      split: str = "test", device=None, chunk: int = 64, show: tuple[str, ...] = (), worst: int = 6,
+                      split: str = "test", device=None, chunk: int | None = None, show: tuple[str, ...] = (),
+                      worst: int = 6,
                       storage_options: dict | None = None) -> dict:
     """Score two feature files (table ``features``) with the official protocol; write the run folder.
 
@@ -61,10 +62,11 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
     return _score_and_write(sets[0], sets[1], out_dir, meta, dst_url, device, chunk, show, worst, storage_options)
 
 
-def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str, device=None, chunk: int = 64,
-                        batch: int = 128, workers: int = 2, flip: bool = True, normalize: bool = True,
-                        height: int = 256, width: int = 128, decoder: str = "auto", show: tuple[str, ...] = (),
-                        worst: int = 6, storage_options: dict | None = None, dtype: torch.dtype = torch.float32) -> dict:
+def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str, device=None,
+                        chunk: int | None = None, batch: int = 128, workers: int = 2, flip: bool = True,
+                        normalize: bool = True, height: int = 256, width: int = 128, decoder: str = "auto",
+                        show: tuple[str, ...] = (), worst: int = 6, storage_options: dict | None = None,
+                        dtype: torch.dtype = torch.float32) -> dict:
     """Extract features of ``split`` with the model of ``checkpoint`` (cached in ``out_dir`` as
     ``features-<split>-<sha1[:12]>.parquet``), score them, write the run folder; returns metrics.json."""
     if split not in SPLITS:
@@ -78,7 +80,8 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str,
     out = Storage(out_dir)
     dst = Storage(dst_url, storage_options)
     roles = _split_roles(dst, split)
-    if out.exists(cache_rel):
+    settings = {"flip": str(flip), "normalize": str(normalize), "size": f"{height}x{width}"}
+    if out.exists(cache_rel) and _cached_settings(out, cache_rel) == settings:
         log.info("features: cached %s", out.path(cache_rel))
         allf = read_features(cache_rel, out)
     else:
@@ -86,7 +89,7 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str,
                               decoder, storage_options, dtype)
         write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out,
                        metadata={"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split,
-                                 "flip": flip, "normalize": normalize, "size": f"{height}x{width}"})
+                                 **settings})
         log.info("features: wrote %s", out.path(cache_rel))
     q, g = _by_role(allf, roles)
     meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
@@ -97,6 +100,7 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str,
 def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, device, chunk, show, worst,
                      storage_options) -> dict:
     dev = resolve_device(device)
+    chunk = chunk or auto_chunk(len(q), len(g), dev)
     t0 = time.perf_counter()
     s = score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, query_keys=q.keys, gallery_keys=g.keys,
               chunk=chunk, device=dev)
@@ -104,6 +108,16 @@ def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, devic
     metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=show, worst=worst, storage_options=storage_options)
     log.info("scored %d queries against %d gallery images in %.1f s", len(q), len(g), time.perf_counter() - t0)
     return metrics
+
+
+def _cached_settings(out: Storage, rel: str) -> dict:
+    """The extraction settings a cached feature file was made with (from its Parquet metadata)."""
+    try:
+        with out.open(rel) as f:
+            meta = pq.read_schema(f).metadata or {}
+    except Exception:                     # unreadable: extract again
+        return {}
+    return {k: meta.get(k.encode(), b"").decode() for k in ("flip", "normalize", "size")}
 
 
 def _sha1(path: Path) -> str:
@@ -119,8 +133,8 @@ def _split_roles(dst: Storage, split: str) -> dict:
     rel = manifests.relpath("split")
     if not dst.exists(rel):
         raise UserError(f"{dst.url} has no {rel}: run `sysu30k split` first")
-    with dst.open(rel) as f:
-        t = pq.read_table(f, columns=["split", "role", "key", "pid", "camid", "folder"], filters=[("split", "=", split)])
+    t = read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid", "folder"],
+                     filters=[("split", "=", split)])
     if t.num_rows == 0:
         raise UserError(f"{dst.url}/{rel} has no {split} split"
                         + (" (run `sysu30k split --val-folders N`)" if split == "val" else ""))
@@ -177,8 +191,7 @@ def _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, 
 
 
 def _other_train_folders(dst: Storage, keep: set) -> frozenset[int]:
-    with dst.open(manifests.relpath("images")) as f:
-        t = pq.read_table(f, columns=["folder"], filters=[("subset", "=", "train")])
+    t = read_parquet(dst, manifests.relpath("images"), columns=["folder"], filters=[("subset", "=", "train")])
     return frozenset(int(x) for x in np.unique(t["folder"].drop_null().to_numpy())) - frozenset(keep)
 
 

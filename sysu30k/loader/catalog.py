@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import manifests
 from ..errors import UserError
@@ -50,8 +49,7 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
     rel = manifests.relpath("images")
     if not dst.exists(rel):
         raise UserError(f"{dst.url} has no {rel}: run `sysu30k shard` first")
-    with dst.open(rel) as f:
-        table = pq.read_table(f, columns=COLUMNS, filters=[("subset", "=", subset)])
+    table = dst.read_table(rel, columns=COLUMNS, filters=[("subset", "=", subset)])
     if exclude_folders:
         held = pa.array(sorted(exclude_folders), type=pa.int32())
         keep = pc.invert(pc.is_in(table["folder"], value_set=held))
