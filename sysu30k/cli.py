@@ -246,8 +246,9 @@ def peek(dst: str, out: str, index: int, bags: int, per_bag: int, height: int, w
 @click.option("--worst", default=6, show_default=True, help="Worst queries drawn in ranked.png when no --show.")
 @click.option("--batch", default=128, show_default=True, help="Extraction batch size.")
 @click.option("--workers", default=2, show_default=True, help="Loader processes for extraction.")
-@click.option("--height", default=256, show_default=True, help="Extraction: resize height (bicubic).")
-@click.option("--width", default=128, show_default=True, help="Extraction: resize width.")
+@click.option("--height", type=int, help="Extraction: resize height (bicubic). Default: the checkpoint's training "
+              "height (256 for the paper recipe, the official evaluator's size).")
+@click.option("--width", type=int, help="Extraction: resize width. Default: the checkpoint's training width.")
 @click.option("--no-flip", is_flag=True, help="Do not add the flipped image's feature.")
 @click.option("--no-normalize", is_flag=True, help="Do not L2-normalise features.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")

@@ -16,6 +16,7 @@ import torch
 from .. import manifests
 from ..errors import UserError
 from ..storage import Storage
+from ..checkpoint import load as load_checkpoint
 from .features import FeatureSet, extract_features, join_split, read_features, read_parquet, write_features
 from .reports import write_run
 from .scoring import auto_chunk, score
@@ -64,7 +65,8 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
 
 def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str, device=None,
                         chunk: int | None = None, batch: int = 128, workers: int = 2, flip: bool = True,
-                        normalize: bool = True, height: int = 256, width: int = 128, decoder: str = "auto",
+                        normalize: bool = True, height: int | None = None, width: int | None = None,
+                        decoder: str = "auto",
                         show: tuple[str, ...] = (), worst: int = 6, storage_options: dict | None = None,
                         dtype: torch.dtype = torch.float32) -> dict:
     """Extract features of ``split`` with the model of ``checkpoint`` (cached in ``out_dir`` as
@@ -75,6 +77,9 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str,
     if not ckpt_path.is_file():
         raise UserError(f"no checkpoint at {checkpoint}")
     dev = resolve_device(device)
+    if height is None or width is None:                 # the size the model was trained at
+        trained = load_checkpoint(ckpt_path).get("config", {})
+        height, width = height or trained.get("height", 256), width or trained.get("width", 128)
     digest = _sha1(ckpt_path)[:12]
     cache_rel = f"features-{split}-{digest}.parquet"
     out = Storage(out_dir)
@@ -153,10 +158,7 @@ def _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, 
     from ..loader import EvalLoader, LoaderOptions, TransformSpec
     from ..model import build_model          # lazily: the model module is the trainer's
 
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise UserError(f"{ckpt_path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    ckpt = load_checkpoint(ckpt_path)
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["model"])
