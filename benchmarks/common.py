@@ -30,7 +30,8 @@ def machine() -> dict:
     return {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": cpu,
             "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "pillow": PIL.__version__,
-            **{d: _version(d) for d in _DISTS}, "loadavg_start": os.getloadavg()}
+            **{d: _version(d) for d in _DISTS}, "pillow_simd": _version("pillow-simd") is not None,
+            "dali": _version("nvidia-dali-cuda130"), "loadavg_start": os.getloadavg()}
 
 
 def package_digest() -> dict:

@@ -319,7 +319,8 @@ def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: s
 @click.option("--lr-steps", default="", help="Epochs at which the learning rate is multiplied by 0.1, e.g. 40,70.")
 @click.option("--pairwise-weight", default=2.0, show_default=True)
 @click.option("--triplet-weight", default=2.0, show_default=True)
-@click.option("--sigma", default=1.0, show_default=True, help="Bandwidth of the pairwise appearance kernel.")
+@click.option("--sigma", default=1.0, show_default=True,
+              help="Bandwidth of the pairwise appearance kernel; 0 = the batch median of squared distances.")
 @click.option("--margin", default=1.2, show_default=True, help="Weak triplet margin.")
 @click.option("--resample", is_flag=True, help="Exact bag windows with repeated images, instead of exactly-once epochs.")
 @click.option("--seed", default=0, show_default=True)
@@ -329,12 +330,14 @@ def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: s
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="For a DST in object storage (repeatable).")
 @click.option("--log-every", default=10, show_default=True, help="Steps between JSONL step records.")
+@click.option("--keep-every", default=0, show_default=True,
+              help="Also keep checkpoints/epoch-NNN.pt every N epochs (last.pt is rewritten every epoch).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
 def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, pretrained: str | None, epochs: int,
                bags: int, per_bag: int, height: int, width: int, optimizer: str, lr: float, head_lr_mult: float,
                weight_decay: float, lr_steps: str, pairwise_weight: float, triplet_weight: float, sigma: float,
                margin: float, resample: bool, seed: int, decoder: str, workers: int, device: str | None,
-               storage_options: tuple[str, ...], log_every: int, overwrite: bool) -> None:
+               storage_options: tuple[str, ...], log_every: int, keep_every: int, overwrite: bool) -> None:
     """Train a ReID model on DST from bag-level labels only (Differentiable Graphical Learning).
 
     Checkpoints every epoch and on SIGTERM; rerun the same command to resume exactly. With
@@ -360,7 +363,8 @@ def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, p
                       weights=LossWeights(pairwise_weight, triplet_weight, sigma, margin), resample=resample,
                       seed=seed)
     record = train(dst, out_dir, cfg, RunOptions(decoder=decoder, workers=workers, device=device,
-                                                 log_every=log_every, storage_options=parse_options(storage_options)))
+                                                 log_every=log_every, keep_every=keep_every,
+                                                 storage_options=parse_options(storage_options)))
     val = {k: v for k, v in record.items() if k.startswith("val_")}
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {out_dir}/best.pt" + (f" (val rank-1 {val['val_rank1']:.3f})" if "val_rank1" in val else ""))

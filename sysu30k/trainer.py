@@ -71,6 +71,7 @@ class RunOptions:
     device: str | None = None
     log_every: int = 10
     eval_batch: int = 128
+    keep_every: int = 0                  # also archive checkpoints/epoch-NNN.pt every N epochs (0: never)
     show_progress: bool = True
     storage_options: dict = field(default_factory=dict)
 
@@ -201,8 +202,9 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
                 best = val["rank1"] if improved else best
                 loader.set_epoch(epoch + 1)
                 _save(out / "last.pt", cfg, model, optimizer, schedule, loader, epoch + 1, step, best)
-                _save(out / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", cfg, model, optimizer, schedule, loader,
-                      epoch + 1, step, best)
+                if run.keep_every and (epoch + 1) % run.keep_every == 0:
+                    _save(out / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", cfg, model, optimizer, schedule,
+                          loader, epoch + 1, step, best)
                 if improved or (val is None and epoch == cfg.epochs - 1):
                     _save(out / "best.pt", cfg, model, optimizer, schedule, loader, epoch + 1, step, best)
                 _append(out, record)

@@ -60,6 +60,17 @@ def test_pairwise_term_vanishes_when_pseudo_labels_agree_and_matches_formula():
     assert pairwise_loss(logits, app, pseudo, valid, sigma=0.5) == pytest.approx(expected / 25, rel=1e-5)
 
 
+def test_pairwise_median_bandwidth_follows_the_data_scale():
+    torch.manual_seed(4)
+    logits, pseudo = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    valid = torch.ones(6, dtype=torch.bool)
+    far = torch.randn(6, 64) * 10                              # squared distances in the thousands
+    assert abs(float(pairwise_loss(logits, far, pseudo, valid, sigma=1.0))) < 1e-12   # fixed sigma: no signal
+    auto = float(pairwise_loss(logits, far, pseudo, valid, sigma=0))
+    assert auto < -1e-3                                        # the median bandwidth restores it
+    assert auto == pytest.approx(float(pairwise_loss(logits * 1, far / 10, pseudo, valid, sigma=0)), rel=1e-4)
+
+
 def test_pairwise_gradient_pulls_similar_images_together():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]], requires_grad=True)
     app = torch.zeros(2, 3)                                    # identical appearance

@@ -54,7 +54,8 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def test_a_tiny_run_lowers_the_loss_and_checkpoints_rebuild(packed, tmp_path):
     run = tmp_path / "run"
-    result = cli("train-weak", str(packed), "--out", str(run), "--method", "folder", "--epochs", "4", *ARGS)
+    result = cli("train-weak", str(packed), "--out", str(run), "--method", "folder", "--epochs", "4", "--keep-every", "1",
+                 *ARGS)
     assert result.returncode == 0, result.stderr
     losses = [e["train_total"] for e in epochs(run)]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.9, losses
@@ -91,7 +92,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(packed, t
 
 def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(packed, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["--method", "dgl", "--epochs", "3", *ARGS]
+    args = ["--method", "dgl", "--epochs", "3", "--keep-every", "1", *ARGS]
     assert cli("train-weak", str(packed), "--out", str(straight), *args).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "sysu30k", "-q", "train-weak", str(packed), "--out", str(killed),
                              *args], env=ENV, start_new_session=True)
@@ -100,7 +101,7 @@ def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(pack
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "checkpoints" / "epoch-003.pt").exists()
+    assert not (killed / "checkpoints" / "epoch-003.pt").exists() and load(killed / "last.pt")["epoch"] < 3
     assert cli("train-weak", str(packed), "--out", str(killed), *args).returncode == 0
     assert same_weights(weights(straight / "last.pt"), weights(killed / "last.pt"))
 

@@ -279,7 +279,10 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """The images of one subset (query, gallery, or train for feature extraction) in manifest order."""
+    """The images of one subset (query, gallery, or train for feature extraction) in manifest order.
+
+    Batches hold uint8 images (and their flipped copies): call ``Batch.to(device)`` to normalise them
+    before they reach a model."""
 
     def __init__(self, dst_url: str, subset: str, batch_size: int = 128,
                  transform: TransformSpec = TransformSpec(train=False), options: LoaderOptions = LoaderOptions(),
