@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark at its default size (what `make bench` runs, with the venv on PATH).
+# Every benchmark (what `make bench` runs, with the venv on PATH); the sizes are those quoted in BENCHMARKS.md. (what `make bench` runs, with the venv on PATH).
 # Scratch data and raw JSON timings go to bench-out/ (git-ignored); results are written up in BENCHMARKS.md.
-# Time on the 2-core box: about 20 minutes when idle, and up to twice that under load.
+# Time on the 2-core box: well over an hour in all (bench_learning alone trains 12 models).
 #   bench_shard: 3 reps of 12 configurations on two 21k-image synthetic trees. About 7 min idle and 15 min
 #     under load, plus about 1.5 min the first time to generate the trees.
 #   bench_plan_memory: 3 interleaved reps at 1.48 M and 2.96 M entries. The 29.6 M-entry run is ONE rep
@@ -15,3 +15,13 @@ echo "== bench_shard"
 $PY benchmarks/bench_shard.py --images 20000 --reps 3 --out bench-out/shard
 echo "== bench_plan_memory"
 $PY benchmarks/bench_plan_memory.py --reps 3 --full-reps 1 --out bench-out/plan_memory
+echo "== bench_remote (issue 3: local/S3 and 1/2 Dask workers)"
+$PY benchmarks/bench_remote.py --reps 3
+echo "== bench_split (issue 4)"
+$PY benchmarks/bench_split.py --reps 3 --out bench-out/split
+echo "== bench_loader (issue 5)"
+$PY benchmarks/bench_loader.py --images 6000 --reps 3
+echo "== bench_scoring (issue 7; needs ~14 GB of memory for the dense baseline at full size)"
+$PY benchmarks/bench_scoring.py
+echo "== bench_learning (issue 6; long on a CPU: see BENCHMARKS.md for the sizes used)"
+$PY benchmarks/bench_learning.py
