@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark (what `make bench` runs, with the venv on PATH); the sizes are those quoted in BENCHMARKS.md. (what `make bench` runs, with the venv on PATH).
+# Every benchmark (what `make bench` runs, with the venv on PATH); the sizes are those quoted in BENCHMARKS.md.
 # Scratch data and raw JSON timings go to bench-out/ (git-ignored); results are written up in BENCHMARKS.md.
 # Time on the 2-core box: well over an hour in all (bench_learning alone trains 12 models).
 #   bench_shard: 3 reps of 12 configurations on two 21k-image synthetic trees. About 7 min idle and 15 min
