@@ -3,7 +3,7 @@
 Issue #6 item 5: an oracle trained on the true identities (truth.csv), the ``folder`` baseline (every image
 labelled with its own folder), ``unary`` (the released recipe's balanced pseudo-labels) and ``dgl`` (argmax
 pseudo-labels + pairwise + weak triplet), all scored on the synth TEST split with the official protocol
-(``sysu30k.validation.evaluate_split``). Target: dgl rank-1 >= 90 % of the oracle's, and dgl - folder >
+(``sysu30k.evaluation.run.evaluate_split``). Target: dgl rank-1 >= 90 % of the oracle's, and dgl - folder >
 the spread (max - min) across seeds.
 
 Per seed the data is built once (data seed = seed): ``sysu30k synth`` → ``shard`` → ``split``. Every
@@ -126,11 +126,10 @@ def child(args) -> None:
     import torch
 
     from sysu30k import checkpoint
-    from sysu30k.loader import EvalLoader, LoaderOptions, TransformSpec
     from sysu30k.losses import LossWeights
     from sysu30k.model import ModelConfig, build_model
     from sysu30k.trainer import RunOptions, TrainConfig, train
-    from sysu30k.validation import evaluate_split
+    from sysu30k.evaluation.run import evaluate_split
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     dst, run_dir = Path(args.dst), Path(args.run_dir)

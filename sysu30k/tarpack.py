@@ -30,9 +30,6 @@ class _HashingWriter:
         self.bytes += len(b)
         return self._f.write(b)
 
-    def tell(self) -> int:
-        return self.bytes
-
 
 def _template() -> bytes:
     """The USTAR header the standard library writes for our members, with an empty name and size 0."""

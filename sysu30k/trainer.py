@@ -275,7 +275,7 @@ def _append(out: Path, record: dict) -> None:
 
 def _validate(model, dst_url: str, device, cfg: TrainConfig, run: RunOptions) -> dict | None:
     """Rank-1 and both mAPs on the val split, or None when DST has no val split."""
-    from .validation import evaluate_split
+    from .evaluation.run import evaluate_split
 
     model.eval()
     try:

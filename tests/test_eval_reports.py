@@ -231,3 +231,20 @@ def test_checkpoint_end_to_end(packed_split, tmp_path):
     assert r.exit_code == 0, r.output
     assert cache[0].stat().st_mtime_ns != mtime
     assert pq.read_schema(cache[0]).metadata[b"flip"] == b"False"
+
+
+def test_evaluate_split_is_the_trainers_validation(packed_split, tmp_path):
+    from sysu30k.evaluation.run import evaluate_split
+    from sysu30k.model import ModelConfig, build_model
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=16)
+    model = build_model(cfg).eval()
+    assert evaluate_split(model, str(packed_split), "val", torch.device("cpu")) is None     # no val split made
+    got = evaluate_split(model, str(packed_split), "test", torch.device("cpu"), 64, 32, batch=16, workers=0)
+    ckpt = tmp_path / "net.pth"
+    torch.save({"config": {"model": cfg.to_dict()}, "model": model.state_dict()}, ckpt)
+    r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--json",
+            "--height", 64, "--width", 32)
+    assert r.exit_code == 0, r.output
+    assert got == pytest.approx(json.loads(r.output)["metrics"]) and got["queries"] == 5

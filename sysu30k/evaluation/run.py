@@ -4,7 +4,6 @@ and write the run folder (:mod:`sysu30k.evaluation.reports`)."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -77,26 +76,26 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str,
     if not ckpt_path.is_file():
         raise UserError(f"no checkpoint at {checkpoint}")
     dev = resolve_device(device)
-    if height is None or width is None:                 # the size the model was trained at
-        trained = load_checkpoint(ckpt_path).get("config", {})
-        height, width = height or trained.get("height", 256), width or trained.get("width", 128)
+    ckpt = load_checkpoint(ckpt_path)
+    trained = ckpt.get("config", {})                    # by default, extract at the size the model was trained at
+    height, width = height or trained.get("height", 256), width or trained.get("width", 128)
     digest = _sha1(ckpt_path)[:12]
     cache_rel = f"features-{split}-{digest}.parquet"
     out = Storage(out_dir)
     dst = Storage(dst_url, storage_options)
-    roles = _split_roles(dst, split)
+    roles = split_roles(dst, split)
     settings = {"flip": str(flip), "normalize": str(normalize), "size": f"{height}x{width}"}
     if out.exists(cache_rel) and _cached_settings(out, cache_rel) == settings:
         log.info("features: cached %s", out.path(cache_rel))
         allf = read_features(cache_rel, out)
     else:
-        allf = _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, normalize, height, width,
-                              decoder, storage_options, dtype)
+        allf = extract_split(_model(ckpt, ckpt_path, dev), dst_url, split, roles, dev, batch, workers, flip,
+                             normalize, height, width, decoder, storage_options, dtype)
         write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out,
                        metadata={"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split,
                                  **settings})
         log.info("features: wrote %s", out.path(cache_rel))
-    q, g = _by_role(allf, roles)
+    q, g = by_role(allf, roles)
     meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
             "features": cache_rel, "flip": flip, "normalize": normalize, "label": ckpt_path.stem}
     return _score_and_write(q, g, out_dir, meta, dst_url, dev, chunk, show, worst, storage_options)
@@ -133,14 +132,17 @@ def _sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _split_roles(dst: Storage, split: str) -> dict:
-    """``{"query": [keys], "gallery": [keys], "pid": {key: pid}, "camid": {key: camid}, "folder": {...}}``."""
+def split_roles(dst: Storage, split: str, required: bool = True) -> dict | None:
+    """``{"query": [keys], "gallery": [keys], "pid": {key: pid}, "camid": {key: camid}, "folder": {...}}`` of
+    ``split``; when DST has no such split: a UserError, or None when not ``required``."""
     rel = manifests.relpath("split")
-    if not dst.exists(rel):
-        raise UserError(f"{dst.url} has no {rel}: run `sysu30k split` first")
-    t = read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid", "folder"],
-                     filters=[("split", "=", split)])
-    if t.num_rows == 0:
+    t = (read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid", "folder"],
+                      filters=[("split", "=", split)]) if dst.exists(rel) else None)
+    if t is None or t.num_rows == 0:
+        if not required:
+            return None
+        if t is None:
+            raise UserError(f"{dst.url} has no {rel}: run `sysu30k split` first")
         raise UserError(f"{dst.url}/{rel} has no {split} split"
                         + (" (run `sysu30k split --val-folders N`)" if split == "val" else ""))
     cols = {c: t[c].to_pylist() for c in ("role", "key", "pid", "camid", "folder")}
@@ -153,35 +155,34 @@ def _split_roles(dst: Storage, split: str) -> dict:
     return out
 
 
-def _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, normalize, height, width, decoder,
-                   storage_options, dtype) -> FeatureSet:
-    from ..loader import EvalLoader, LoaderOptions, TransformSpec
+def _model(ckpt: dict, ckpt_path, dev: torch.device) -> torch.nn.Module:
+    """The checkpoint's network, in eval mode on ``dev``."""
     from ..model import build_model          # lazily: the model module is the trainer's
 
-    ckpt = load_checkpoint(ckpt_path)
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError) as exc:
         raise UserError(f"{ckpt_path} is not a sysu30k checkpoint (missing {exc})") from None
-    model.to(dev).eval()
+    return model.to(dev).eval()
+
+
+def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict, dev: torch.device, batch: int = 128,
+                  workers: int = 2, flip: bool = True, normalize: bool = True, height: int = 256, width: int = 128,
+                  decoder: str = "auto", storage_options: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> FeatureSet:
+    """Features of every query and gallery image of ``split`` (val images live in the training shards),
+    in role order; images that cannot be read are left out with a warning."""
+    from ..loader import EvalLoader, LoaderOptions, TransformSpec
+
     options = LoaderOptions(decoder=decoder, workers=workers, storage_options=storage_options or {})
     spec = TransformSpec(height=height, width=width, train=False)
-    has_keys = "keys" in inspect.signature(EvalLoader.__init__).parameters
     got: dict[str, torch.Tensor] = {}
     for role in ("query", "gallery"):
-        wanted = frozenset(roles[role])
-        subset = "train" if split == "val" else role
-        kwargs = {}
-        if has_keys:
-            kwargs["keys"] = wanted
-        elif split == "val":
-            kwargs["exclude_folders"] = _other_train_folders(Storage(dst_url, storage_options), roles["folder"])
-        loader = EvalLoader(dst_url, subset, batch, spec, options, flip=flip, **kwargs)
+        loader = EvalLoader(dst_url, "train" if split == "val" else role, batch, spec, options, flip=flip,
+                            keys=frozenset(roles[role]))
         feats, keys, _, _ = extract_features(model, loader, dev, flip=flip, normalize=normalize, dtype=dtype)
-        for i, k in enumerate(keys):
-            if k in wanted:
-                got[k] = feats[i]
+        got.update(zip(keys, feats))
     order = [k for k in roles["query"] + roles["gallery"] if k in got]
     lost = len(roles["query"]) + len(roles["gallery"]) - len(order)
     if lost:
@@ -192,12 +193,22 @@ def _extract_split(dst_url, ckpt_path, split, roles, dev, batch, workers, flip, 
                       np.array([roles["camid"][k] for k in order], np.int64), torch.stack([got[k] for k in order]))
 
 
-def _other_train_folders(dst: Storage, keep: set) -> frozenset[int]:
-    t = read_parquet(dst, manifests.relpath("images"), columns=["folder"], filters=[("subset", "=", "train")])
-    return frozenset(int(x) for x in np.unique(t["folder"].drop_null().to_numpy())) - frozenset(keep)
+def evaluate_split(model: torch.nn.Module, dst_url: str, split: str, device: torch.device, height: int = 256,
+                   width: int = 128, batch: int = 128, workers: int = 2, storage_options: dict | None = None,
+                   flip: bool = True) -> dict | None:
+    """The summary metrics (rank-1/5/10/20, both mAPs) of ``model`` on ``split`` of DST, or None when DST
+    has no such split: the trainer's per-epoch validation. Writes nothing."""
+    roles = split_roles(Storage(dst_url, storage_options), split, required=False)
+    if roles is None or not roles["query"]:
+        return None
+    q, g = by_role(extract_split(model, dst_url, split, roles, device, batch, workers, flip, height=height,
+                                 width=width, storage_options=storage_options), roles)
+    return score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, query_keys=q.keys, gallery_keys=g.keys,
+                 device=device).summary()
 
 
-def _by_role(allf: FeatureSet, roles: dict) -> tuple[FeatureSet, FeatureSet]:
+def by_role(allf: FeatureSet, roles: dict) -> tuple[FeatureSet, FeatureSet]:
+    """The query and the gallery part of a split's features."""
     index = {k: i for i, k in enumerate(allf.keys)}
     out = []
     for role in ("query", "gallery"):
