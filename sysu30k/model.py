@@ -1,9 +1,14 @@
-"""The ReID network: a torchvision ResNet backbone, global pooling, a BN neck, an embedding, a classifier.
+"""The ReID network: a torchvision ResNet backbone, global pooling, and one of two heads.
 
-In training mode ``forward`` returns everything the losses need: the pooled feature (for the weak
-triplet), the classifier logits (unary and pairwise terms) and the appearance descriptor, the global
-average of the first residual stage (the pairwise term's a_i, SYSU30K.md §4.4). In eval mode it returns
-the BN-neck embedding, the feature the evaluator compares.
+``bnneck`` (train-weak): pooled feature → (projection) → BN neck → classifier. In training mode
+``forward`` returns everything the losses need: the pooled feature (for the weak triplet), the
+classifier logits (unary and pairwise terms) and the appearance descriptor, the global average of the
+first residual stage (the pairwise term's a_i, SYSU30K.md §4.4). In eval mode it returns the BN-neck
+embedding, the feature the evaluator compares.
+
+``ssg`` (train-ssg, SSG.md §1 and §2.1): the last feature map is pooled whole (``feat``, f_g) and by
+upper and lower half (``up``, ``low``); ``emb`` = ReLU(BN(FC(f_g))); the classifier (source stage only)
+reads Dropout(0.1)(emb). In eval mode it returns cat(f_g, f_up, f_low), SSG's 6144-d test feature.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from .compat import import_torchvision
 from .errors import UserError
 
 ARCHS = ("resnet50", "resnet18")
+HEADS = ("bnneck", "ssg")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class ModelConfig:
     num_classes: int = 28_310
     embedding: int = 2048
     pretrained: str | None = None          # a local torchvision state_dict file (ImageNet weights)
+    head: str = "bnneck"                   # bnneck (train-weak) or ssg (train-ssg: global + part features)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +46,8 @@ class ReIDNet(nn.Module):
         super().__init__()
         if cfg.arch not in ARCHS:
             raise UserError(f"--arch must be one of {', '.join(ARCHS)}")
+        if cfg.head not in HEADS:
+            raise UserError(f"model head must be one of {', '.join(HEADS)}")
         tv = import_torchvision()
         backbone = getattr(tv.models, cfg.arch)(weights=None)
         if cfg.pretrained:
@@ -53,6 +62,16 @@ class ReIDNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = (backbone.layer1, backbone.layer2, backbone.layer3,
                                                               backbone.layer4)
         width = backbone.fc.in_features
+        self.head = cfg.head
+        if cfg.head == "ssg":
+            self.embed = nn.Sequential(nn.Linear(width, cfg.embedding, bias=False), nn.BatchNorm1d(cfg.embedding),
+                                       nn.ReLU(inplace=True))
+            nn.init.normal_(self.embed[0].weight, std=0.001)
+            self.dropout = nn.Dropout(0.1)
+            self.classifier = nn.Linear(cfg.embedding, max(1, cfg.num_classes))
+            nn.init.normal_(self.classifier.weight, std=0.001)
+            nn.init.zeros_(self.classifier.bias)
+            return
         self.project = nn.Linear(width, cfg.embedding, bias=False) if cfg.embedding != width else nn.Identity()
         self.neck = nn.BatchNorm1d(cfg.embedding)
         self.neck.bias.requires_grad_(False)           # the BNNeck of common ReID baselines
@@ -60,6 +79,8 @@ class ReIDNet(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        if self.head == "ssg":
+            return self._forward_ssg(x)
         early = self.layer1(self.stem(x))
         pooled = self.project(torch.flatten(nn.functional.adaptive_avg_pool2d(
             self.layer4(self.layer3(self.layer2(early))), 1), 1))
@@ -68,6 +89,16 @@ class ReIDNet(nn.Module):
             return emb
         return {"feat": pooled, "logits": self.classifier(emb),
                 "appearance": torch.flatten(nn.functional.adaptive_avg_pool2d(early, 1), 1)}
+
+
+    def _forward_ssg(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+        fmap = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        half = fmap.shape[2] // 2
+        g, up, low = (fmap.mean((2, 3)), fmap[:, :, :half].mean((2, 3)), fmap[:, :, half:].mean((2, 3)))
+        if not self.training:
+            return torch.cat([g, up, low], 1)
+        emb = self.embed(g)
+        return {"feat": g, "up": up, "low": low, "emb": emb, "logits": self.classifier(self.dropout(emb))}
 
 
 def build_model(config: dict | ModelConfig) -> ReIDNet:

@@ -20,6 +20,7 @@ from ..storage import Storage
 from ..tuning import tune_malloc
 from . import decode_pil
 from .catalog import ShardEntries, assign_streams, load_catalog
+from .groups import GroupSpec, group_batches, plan_group_epoch
 from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
 from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params, normalize_nhwc
@@ -112,8 +113,10 @@ class _Materializer:
     """Turns a batch plan into arrays in a worker: reads member bytes, checks sha256, decodes."""
 
     def __init__(self, dst_url: str, options: dict, catalog: list[ShardEntries], order: list[int],
-                 spec: TransformSpec, raw: bool, prefetch: int, cache_dir: str | None):
-        self.catalog, self.spec, self.raw = catalog, spec, raw
+                 spec: TransformSpec, raw: bool, prefetch: int, cache_dir: str | None, sequential: bool = True):
+        """``sequential``: shards are needed in ``order`` (released behind the reader); otherwise any
+        shard may be needed again (identity sampling), so every shard stays mapped."""
+        self.catalog, self.spec, self.raw, self.sequential = catalog, spec, raw, sequential
         self.position = {c: i for i, c in enumerate(order)}
         self.reader = ShardReader(Storage(dst_url, options), [catalog[c].shard for c in order], prefetch, cache_dir)
 
@@ -125,7 +128,7 @@ class _Materializer:
                 continue
             e = self.catalog[s]
             out.append(member(self.reader.get(self.position[s]), int(e.offset[r]), int(e.size[r]), e.sha256[r]))
-        if self.position:
+        if self.position and self.sequential:
             first = min((self.position[s] for s in shard.tolist() if s in self.position), default=0)
             self.reader.release_before(first)
         return out
@@ -155,12 +158,12 @@ class _TrainStreams(torch.utils.data.IterableDataset):
         l = self.l
         w = ((info.id if info is not None else 0) + self.rotate) % l.n_workers
         sid = l.options.rank * l.n_workers + w
-        order = l.streams[sid]
         rng = np.random.default_rng([l.options.seed, self.epoch, sid])
+        order, plans = l._stream(sid, self.epoch, rng)
         mat = _Materializer(l.dst_url, l.options.storage_options, l.catalog, order, l.transform, l.raw,
-                            l.options.prefetch_shards, l.options.cache_dir)
+                            l.options.prefetch_shards, l.options.cache_dir, sequential=l.sequential)
         try:
-            for b, plan in enumerate(plan_epoch(l.catalog, order, l.bags, rng, l.targets[sid])):
+            for b, plan in enumerate(plans):
                 params = draw_params(len(plan.valid), l.transform, rng)
                 if b < self.skips[w]:
                     continue
@@ -199,7 +202,22 @@ class TrainLoader:
     def __init__(self, dst_url: str, bags: BagSpec = BagSpec(), transform: TransformSpec = TransformSpec(),
                  options: LoaderOptions = LoaderOptions(), exclude_folders: frozenset[int] | None = None):
         """``exclude_folders`` defaults to the folders ``sysu30k split`` held out for validation."""
-        self.dst_url, self.bags, self.transform, self.options = dst_url, bags, transform, options
+        self.bags = bags
+        self._setup(dst_url, transform, options, exclude_folders)
+        self.streams = assign_streams(self.catalog, options.world * self.n_workers)
+        counts = [batches_for(sum(len(self.catalog[i]) for i in s), bags) for s in self.streams]
+        per_rank = [sum(counts[r * self.n_workers:(r + 1) * self.n_workers]) for r in range(options.world)]
+        self.targets = list(counts)
+        for r, c in enumerate(per_rank):            # every rank yields the same number of batches
+            self.targets[r * self.n_workers] += max(per_rank) - c
+        self.batches_per_epoch = max(per_rank) if per_rank else 0
+        self.batch_size = bags.batch_size
+        self.sequential = True
+
+    def _setup(self, dst_url: str, transform: TransformSpec, options: LoaderOptions,
+               exclude_folders: frozenset[int] | None) -> None:
+        """Decoder, catalog of the training images (without the held-out folders) and position."""
+        self.dst_url, self.transform, self.options = dst_url, transform, options
         self.decoder = resolve_decoder(options.decoder)
         self.raw = self.decoder == "dali"
         self.normalize = options.normalize_in_workers(self.decoder)
@@ -210,16 +228,14 @@ class TrainLoader:
         self.excluded = exclude_folders
         self.catalog = load_catalog(Storage(dst_url, options.storage_options), "train", self.excluded)
         self.n_workers = max(1, options.workers)
-        self.streams = assign_streams(self.catalog, options.world * self.n_workers)
-        counts = [batches_for(sum(len(self.catalog[i]) for i in s), bags) for s in self.streams]
-        per_rank = [sum(counts[r * self.n_workers:(r + 1) * self.n_workers]) for r in range(options.world)]
-        self.targets = list(counts)
-        for r, c in enumerate(per_rank):            # every rank yields the same number of batches
-            self.targets[r * self.n_workers] += max(per_rank) - c
-        self.batches_per_epoch = max(per_rank) if per_rank else 0
         self.epoch, self.consumed = 0, 0
         self.damaged: list[str] = []
         self._dali = None
+
+    def _stream(self, sid: int, epoch: int, rng: np.random.Generator) -> tuple[list[int], Iterator[BatchPlan]]:
+        """The shards stream ``sid`` reads and its batch plans for ``epoch``."""
+        order = self.streams[sid]
+        return order, plan_epoch(self.catalog, order, self.bags, rng, self.targets[sid])
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -267,7 +283,7 @@ class TrainLoader:
             from .decode_dali import DaliDecoder
 
             if self._dali is None:
-                self._dali = DaliDecoder(self.transform, self.bags.batch_size)
+                self._dali = DaliDecoder(self.transform, self.batch_size)
             images, failed = self._dali.decode(raw["datas"], raw["params"], raw["keys"])
             raw["damaged"] = sorted(set(raw["damaged"]) | set(failed))
             raw["valid"] = raw["valid"] & np.array([k not in failed for k in raw["keys"]])
@@ -276,6 +292,37 @@ class TrainLoader:
         return Batch(images=images, keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
                      folder=torch.from_numpy(raw["folder"]), bag=torch.from_numpy(raw["bag"]),
                      bag_labels=torch.from_numpy(raw["bag_labels"]), damaged=raw["damaged"])
+
+
+class GroupLoader(TrainLoader):
+    """Identity-sampled training batches (P groups × K images, :mod:`.groups`) from DST's training images.
+
+    ``labels`` maps image keys to groups (a folder id for a labelled source dataset, a cluster id for
+    SSG); images without a label, or with a negative one, are left out. Batches are dealt round-robin to
+    ranks and workers; ``Batch.bag`` is the group's block in the batch and ``Batch.bag_labels[:, 0]`` its
+    group. Every worker may read every shard: meant for adaptation-sized sets (SSG's ~10⁴–10⁵ images);
+    remote shards are best read with ``cache_dir``."""
+
+    def __init__(self, dst_url: str, labels: dict[str, int], groups: GroupSpec = GroupSpec(),
+                 transform: TransformSpec = TransformSpec(), options: LoaderOptions = LoaderOptions(),
+                 exclude_folders: frozenset[int] | None = None):
+        self.groups = groups
+        self._setup(dst_url, transform, options, exclude_folders)
+        self.shard = np.concatenate([np.full(len(e), i, np.int32) for i, e in enumerate(self.catalog)] or [[]])
+        self.row = np.concatenate([np.arange(len(e), dtype=np.int32) for e in self.catalog] or [[]])
+        self.labels = np.array([labels.get(k, -1) for e in self.catalog for k in e.key], np.int64)
+        per_rank = group_batches(self.labels, groups) // options.world
+        self.targets = [len(range(w, per_rank, self.n_workers)) for _ in range(options.world)
+                        for w in range(self.n_workers)]
+        self.batches_per_epoch = per_rank
+        self.batch_size = groups.batch_size
+        self.sequential = False
+
+    def _stream(self, sid: int, epoch: int, rng: np.random.Generator) -> tuple[list[int], Iterator[BatchPlan]]:
+        rank, w = divmod(sid, self.n_workers)
+        plans = plan_group_epoch(self.shard, self.row, self.labels, self.groups, self.options.seed, epoch)
+        mine = plans[rank:self.batches_per_epoch * self.options.world:self.options.world][w::self.n_workers]
+        return list(range(len(self.catalog))), iter(mine)
 
 
 class EvalLoader:

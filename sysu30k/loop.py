@@ -1,0 +1,240 @@
+"""The training loop shared by ``train-weak`` and ``train-ssg``: epochs, checkpoints, resume, logs, validation.
+
+One process per GPU (``torchrun --nproc-per-node N`` gives DDP) or one CPU process. An epoch ends with
+``last.pt`` (model, optimiser, schedule, loader position, RNG and the method's own ``extra`` state), a
+validation on the ``val`` split when ``sysu30k split --val-folders`` made one (``best.pt`` is kept by it,
+never by the test split) and a JSONL record in ``metrics.jsonl``. SIGTERM saves a mid-epoch checkpoint
+and exits with 143; rerunning the same command resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .errors import UserError
+from .progress import progress
+
+log = logging.getLogger("sysu30k")
+EXIT_ON_SIGTERM = 143
+HEAD_MODULES = ("project", "neck", "classifier", "embed")     # new layers (not the ImageNet backbone)
+
+LossFn = Callable[[Callable, object], dict]                   # (forward, batch on device) -> terms with "total"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not part of the result): decoder, workers, device, logging, validation batch."""
+
+    decoder: str = "auto"
+    workers: int = 2
+    device: str | None = None
+    log_every: int = 10
+    eval_batch: int = 128
+    keep_every: int = 0                  # also archive checkpoints/epoch-NNN.pt every N epochs (0: never)
+    show_progress: bool = True
+    storage_options: dict = field(default_factory=dict)
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world, local rank), starting the process group when torchrun launched us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def param_groups(model: torch.nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """Backbone parameters at ``lr``, the new layers (:data:`HEAD_MODULES`) at ``lr × head_lr_mult``."""
+    head = [p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES and p.requires_grad]
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    return [{"params": body, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+
+
+@dataclass
+class Session:
+    """One run's moving parts. ``config`` (a dict) identifies the run: resuming with other settings is
+    refused. ``extra`` is the method's own state, saved in every checkpoint (SSG: iteration, labels)."""
+
+    out: Path
+    dst_url: str
+    fmt: str
+    config: dict
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    run: RunOptions
+    height: int
+    width: int
+    rank: int = 0
+    world: int = 1
+    step: int = 0
+    best: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def save(self, path: Path, loader, epoch: int) -> None:
+        """A checkpoint of everything needed to continue (written atomically)."""
+        checkpoint.save(path, {
+            "format": self.fmt, "config": self.config, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "loader": loader.state_dict(), "epoch": epoch, "step": self.step, "best_rank1": self.best,
+            "rng": torch.get_rng_state(), "extra": self.extra})
+
+    def resume(self) -> dict | None:
+        """Restore ``out/last.pt`` into model, optimiser, schedule, step, best and extra; returns the
+        checkpoint's loader state (None when there is nothing to resume)."""
+        path = self.out / "last.pt"
+        if not path.exists():
+            return None
+        state = checkpoint.load(path)
+        if state.get("config") != self.config:
+            raise UserError(f"{self.out} holds a run with other settings; choose another --out or pass --overwrite")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.best, self.extra = int(state["step"]), state["best_rank1"], state.get("extra", {})
+        log.info("resuming %s: epoch %d, batch %d", path, state["loader"]["epoch"] + 1, state["loader"]["consumed"])
+        return state["loader"]
+
+    def start(self) -> None:
+        """Create the run folder and record the settings (rank 0)."""
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+
+    def append(self, record: dict) -> None:
+        """One JSON line in ``metrics.jsonl`` (rank 0)."""
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                    for k, v in record.items()}) + "\n")
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.set = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total: int,
+               validate: Callable[[int], bool] = lambda epoch: True, record_extra: Callable[[], dict] = dict) -> dict:
+    """Train epochs ``first``..``last - 1`` (of ``total``) with ``loss_fn``; returns the last epoch's record.
+
+    ``loader`` continues from its own position (a resumed mid-epoch state is kept). ``validate(epoch)``
+    says whether this epoch ends with a validation; ``record_extra()`` adds fields to each record.
+    """
+    stop = _StopFlag()
+    record: dict = {}
+    try:
+        for epoch in range(first, last):
+            if loader.epoch != epoch or loader.consumed == 0:
+                loader.set_epoch(epoch)
+            s.net.train()
+            sums: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            with progress(len(loader), f"epoch {epoch + 1}/{total}", "batch", s.run.show_progress and s.rank == 0) as bar:
+                bar.update(loader.consumed)
+                for batch in loader:
+                    terms = optimize(s, batch, loss_fn)
+                    s.step += 1
+                    seen += int(batch.valid.sum()) * s.world
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    bar.update(1)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                                        **{k: f"{v:.3f}" for k, v in terms.items()})
+                    if s.step % s.run.log_every == 0:
+                        s.append({"event": "step", "epoch": epoch, "step": s.step, "lr": s.schedule.get_last_lr()[0],
+                                  "images_per_s": seen / (time.perf_counter() - t0), **terms})
+                    if stop.set:
+                        if s.rank == 0:
+                            s.save(s.out / "last.pt", loader, epoch)
+                            log.warning("SIGTERM: saved %s at epoch %d, batch %d; rerun the same command to "
+                                        "resume", s.out / "last.pt", epoch + 1, loader.consumed)
+                        raise SystemExit(EXIT_ON_SIGTERM)
+            s.schedule.step()
+            batches = max(1, loader.consumed)
+            record = {"event": "epoch", "epoch": epoch, "step": s.step,
+                      "images_per_s": seen / (time.perf_counter() - t0),
+                      "train_images": sum(len(c) for c in loader.catalog), "excluded_folders": len(loader.excluded),
+                      **{f"train_{k}": v / batches for k, v in sums.items()}, "damaged": len(loader.damaged),
+                      **record_extra()}
+            if s.rank == 0:
+                val = _validate(s) if validate(epoch) else None
+                record.update({f"val_{k}": v for k, v in (val or {}).items()})
+                improved = val is not None and (s.best is None or val["rank1"] > s.best)
+                s.best = val["rank1"] if improved else s.best
+                loader.set_epoch(epoch + 1)
+                s.save(s.out / "last.pt", loader, epoch + 1)
+                if s.run.keep_every and (epoch + 1) % s.run.keep_every == 0:
+                    s.save(s.out / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", loader, epoch + 1)
+                if improved or (s.best is None and epoch == total - 1):
+                    s.save(s.out / "best.pt", loader, epoch + 1)
+                s.append(record)
+                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                               if isinstance(v, float)))
+            else:
+                loader.set_epoch(epoch + 1)
+            if s.world > 1:
+                dist.barrier()
+    finally:
+        stop.restore()
+    return record
+
+
+def optimize(s: Session, batch, loss_fn: LossFn) -> dict[str, float]:
+    """One optimiser step: move the batch, forward (bf16 autocast on CUDA) inside ``loss_fn``, backward."""
+    b = batch.to(s.device, torch.float32)
+    terms = loss_fn(lambda x: forward(s.net, x, s.device), b)
+    loss = terms["total"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {float(loss)}: lower --lr")
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optimizer.step()
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
+
+
+def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The network's training outputs in float32 (channels-last and bf16 autocast on CUDA)."""
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = net(images)
+    return {k: v.float() for k, v in out.items()}
+
+
+def _validate(s: Session) -> dict | None:
+    """Rank-1 and both mAPs on the val split, or None when DST has no val split."""
+    from .evaluation.run import evaluate_split
+
+    s.model.eval()
+    try:
+        return evaluate_split(s.model, s.dst_url, "val", s.device, s.height, s.width, s.run.eval_batch,
+                              s.run.workers, s.run.storage_options)
+    finally:
+        s.model.train()
