@@ -18,7 +18,6 @@ bag's label set) names the true identity: pure and impure images separately.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -75,19 +74,9 @@ def build_data(args, seed: int, base: Path) -> Path:
 
 def truth_by_key(dst: Path) -> dict[str, tuple[int, int]]:
     """{sample key: (true id, folder id)} of every training image (truth.csv joined on images.parquet)."""
-    import pyarrow.parquet as pq
+    from sysu30k.synth.truth import read_truth
 
-    rows = pq.read_table(dst / "manifests" / "images.parquet", columns=["key", "path", "subset"],
-                         filters=[("subset", "=", "train")]).to_pylist()
-    key_of = {r["path"]: r["key"] for r in rows}
-    out = {}
-    with open(dst / "truth.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            if r["path"] in key_of:
-                out[key_of[r["path"]]] = (int(r["true_id"]), int(r["folder_id"]))
-    if len(out) != len(key_of):
-        raise SystemExit(f"truth.csv covers {len(out)} of {len(key_of)} training images of {dst}")
-    return out
+    return read_truth(str(dst / "truth.csv"), str(dst))
 
 
 def train_diagnostics(model, dst: Path, truth: dict, height: int, width: int) -> dict:

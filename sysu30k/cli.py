@@ -61,10 +61,12 @@ def cli(quiet: bool) -> None:
               help="Fraction of a folder's images that show a neighbouring identity (k±1, k±2).")
 @click.option("--style", default=0, show_default=True, help="Visual style (camera casts, backgrounds).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--id-offset", default=0, show_default=True,
+              help="Added to every identity before rendering: another domain with people unseen in this one.")
 @click.option("--no-bag-json", is_flag=True, help="Do not write bag_level_label.json (bags then follow the folder rule).")
 @click.option("--workers", default=1, show_default=True, help="Processes.")
 def synth(out: str, folders: int, images_per_folder: int, test_ids: int, distractors: int, height: str,
-          impurity: float, style: int, seed: int, no_bag_json: bool, workers: int) -> None:
+          impurity: float, style: int, seed: int, id_offset: int, no_bag_json: bool, workers: int) -> None:
     """Write a SYSU-30k-shaped synthetic dataset to OUT (deterministic by seed).
 
     The tree follows the released layout; OUT/truth.csv holds the true identity of every training
@@ -74,7 +76,7 @@ def synth(out: str, folders: int, images_per_folder: int, test_ids: int, distrac
 
     cfg = SynthConfig(folders=folders, images_per_folder=images_per_folder, test_ids=test_ids,
                       distractors=distractors, height=int(height), impurity=impurity, style=style, seed=seed,
-                      bag_json=not no_bag_json)
+                      id_offset=id_offset, bag_json=not no_bag_json)
     s = write_synth(out, cfg, workers=workers, progress=True)
     click.echo(f"wrote {s.train_images} training images in {s.folders} folders, {s.query_images} queries, "
                f"{s.gallery_images} gallery images ({s.distractors} distractors), {s.bytes / 1e6:.1f} MB "
@@ -368,6 +370,88 @@ def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, p
     val = {k: v for k, v in record.items() if k.startswith("val_")}
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {out_dir}/best.pt" + (f" (val rank-1 {val['val_rank1']:.3f})" if "val_rank1" in val else ""))
+
+
+@cli.command("train-ssg")
+@click.argument("dst")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.jsonl (epochs and clustering rounds), config.json. Resumes.")
+@click.option("--stage", type=click.Choice(["source", "adapt"]), default="adapt", show_default=True,
+              help="source: supervised on a labelled DST (folder = identity); adapt: SSG on an unlabelled DST.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False),
+              help="adapt: the source-stage checkpoint to start from (its architecture is used).")
+@click.option("--source", "source_dst", metavar="SRC_DST",
+              help="adapt: the packed source dataset whose features enter the distance (the λ term).")
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False),
+              help="A synth truth.csv: NMI/ARI of every clustering round, and SSG++'s annotator.")
+@click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default="resnet50", show_default=True,
+              help="source stage only.")
+@click.option("--embedding", default=2048, show_default=True, help="source stage only: the FC embedding size.")
+@click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
+              help="source stage: ImageNet weights (a torchvision state_dict file).")
+@click.option("--epochs", type=int, help="source stage: epochs  [150]")
+@click.option("--decay-from", type=int, help="source stage: epoch after which the lr decays to 0.001×  [100]")
+@click.option("--iterations", type=int, help="adapt: clustering rounds  [30]")
+@click.option("--epochs-per-iteration", type=int, help="adapt: epochs after each clustering  [70]")
+@click.option("--groups", type=int, help="Identities (clusters) per batch, P  [source 16, adapt 32]")
+@click.option("--per-group", type=int, help="Images per identity, K  [source 8, adapt 4]")
+@click.option("--height", type=int, help="Input height  [256]")
+@click.option("--width", type=int, help="Input width  [128]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="[source adam, adapt sgd]")
+@click.option("--lr", type=float, help="[source 3e-4, adapt 6e-5]")
+@click.option("--head-lr-mult", type=float, help="Learning-rate factor of the new layers  [source 3, adapt 1]")
+@click.option("--weight-decay", type=float, help="[5e-4]")
+@click.option("--margin", type=float, help="Triplet margin  [0.5]")
+@click.option("--mining", type=click.Choice(["semi", "hard"]),
+              help="semi: the released code's block pairs; hard: batch-hard per view  [semi]")
+@click.option("--k1", type=int, help="k-reciprocal neighbours  [20]")
+@click.option("--k2", type=int, help="Query-expansion neighbours  [6]")
+@click.option("--lambda", "lam", type=float, help="Weight of the source term in the distance  [0.1]")
+@click.option("--rho", type=float, help="eps = mean of the smallest rho fraction of pairwise distances  [1.6e-3]")
+@click.option("--min-samples", type=int, help="DBSCAN min_samples (the point included)  [4]")
+@click.option("--plus-from", type=int, help="SSG++: add the one-label-per-cluster stream from this iteration  [off]")
+@click.option("--seed", type=int, help="[1]")
+@click.option("--decoder", type=click.Choice(["auto", "pil", "dali"]), default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes per GPU/process.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: the local GPU when there is one).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="For datasets in object storage (repeatable).")
+@click.option("--log-every", default=10, show_default=True, help="Steps between JSONL step records.")
+@click.option("--keep-every", default=0, show_default=True, help="Also keep checkpoints/epoch-NNN.pt every N epochs.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
+def train_ssg(dst: str, out_dir: str, stage: str, init: str | None, source_dst: str | None, truth: str | None,
+              arch: str, embedding: int, pretrained: str | None, decoder: str, workers: int, device: str | None,
+              storage_options: tuple[str, ...], log_every: int, keep_every: int, overwrite: bool, **settings) -> None:
+    """Self-similarity Grouping: a source-stage model adapted to DST by clustering (no labels on DST).
+
+    \b
+    sysu30k train-ssg SRC_DST --stage source --out src-run
+    sysu30k train-ssg TGT_DST --init src-run/last.pt --source SRC_DST --out ssg-run [--truth truth.csv]
+
+    Unset options take the released code's settings for the stage (in brackets). Checkpoints every
+    epoch and on SIGTERM; rerun the same command to resume exactly. With `sysu30k split --val-folders N`
+    on DST, each clustering round ends with a validation and best.pt is kept by val rank-1.
+    """
+    import shutil
+
+    from .model import ModelConfig
+    from .ssg.train import SSGConfig, train
+    from .storage import parse_options
+    from .synth.truth import read_truth
+    from .trainer import RunOptions
+
+    if overwrite and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    options = parse_options(storage_options)
+    cfg = SSGConfig.for_stage(stage, init=init, source=source_dst,
+                              model=ModelConfig(arch=arch, embedding=embedding, pretrained=pretrained, head="ssg"),
+                              **settings)
+    labels = {k: t for k, (t, _) in read_truth(truth, dst, options).items()} if truth else None
+    record = train(dst, out_dir, cfg, RunOptions(decoder=decoder, workers=workers, device=device, log_every=log_every,
+                                                 keep_every=keep_every, storage_options=options), labels)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = f" (val rank-1 {record['val_rank1']:.3f})" if "val_rank1" in record else ""
+        click.echo(f"done: {out_dir}/best.pt{val}")
 
 
 def main() -> None:

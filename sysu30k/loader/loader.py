@@ -297,20 +297,21 @@ class TrainLoader:
 class GroupLoader(TrainLoader):
     """Identity-sampled training batches (P groups × K images, :mod:`.groups`) from DST's training images.
 
-    ``labels`` maps image keys to groups (a folder id for a labelled source dataset, a cluster id for
-    SSG); images without a label, or with a negative one, are left out. Batches are dealt round-robin to
+    ``labels`` maps image keys to groups (a cluster id for SSG; None: each image's folder, for a labelled
+    source dataset); images without a label, or with a negative one, are left out. Batches are dealt round-robin to
     ranks and workers; ``Batch.bag`` is the group's block in the batch and ``Batch.bag_labels[:, 0]`` its
     group. Every worker may read every shard: meant for adaptation-sized sets (SSG's ~10⁴–10⁵ images);
     remote shards are best read with ``cache_dir``."""
 
-    def __init__(self, dst_url: str, labels: dict[str, int], groups: GroupSpec = GroupSpec(),
+    def __init__(self, dst_url: str, labels: dict[str, int] | None, groups: GroupSpec = GroupSpec(),
                  transform: TransformSpec = TransformSpec(), options: LoaderOptions = LoaderOptions(),
                  exclude_folders: frozenset[int] | None = None):
         self.groups = groups
         self._setup(dst_url, transform, options, exclude_folders)
         self.shard = np.concatenate([np.full(len(e), i, np.int32) for i, e in enumerate(self.catalog)] or [[]])
         self.row = np.concatenate([np.arange(len(e), dtype=np.int32) for e in self.catalog] or [[]])
-        self.labels = np.array([labels.get(k, -1) for e in self.catalog for k in e.key], np.int64)
+        self.labels = (np.concatenate([e.folder for e in self.catalog] or [[]]).astype(np.int64) if labels is None
+                       else np.array([labels.get(k, -1) for e in self.catalog for k in e.key], np.int64))
         per_rank = group_batches(self.labels, groups) // options.world
         self.targets = [len(range(w, per_rank, self.n_workers)) for _ in range(options.world)
                         for w in range(self.n_workers)]

@@ -50,6 +50,7 @@ class SynthConfig:
     impurity: float = 0.2
     style: int = 0
     seed: int = 0
+    id_offset: int = 0          # added to every identity before rendering: disjoint looks for another domain
     bag_json: bool = True
     quality: int = 90
 
@@ -65,8 +66,8 @@ class SynthConfig:
             raise UserError(f"folder_size_jitter must lie in [0, 1], not {self.folder_size_jitter}")
         if not 0.0 <= self.impurity <= 1.0:
             raise UserError(f"impurity must lie in [0, 1], not {self.impurity}")
-        if self.seed < 0 or self.style < 0:
-            raise UserError("seed and style must not be negative")
+        if self.seed < 0 or self.style < 0 or self.id_offset < 0:
+            raise UserError("seed, style and id_offset must not be negative")
         if not 1 <= self.quality <= 100:
             raise UserError(f"quality must lie in 1..100, not {self.quality}")
 
@@ -167,7 +168,7 @@ def _run_task(out: str, cfg: SynthConfig, task: _Task) -> _Written:
             identity = true_identity(cfg, task.first, rng)
             camera = (QUERY_CAMID, GALLERY_CAMID)[rng.integers(2)]
             name = train_image_name(task.first, index)
-            img = render_person(identity, rng, cfg.height, camera, cfg.style)
+            img = render_person(identity + cfg.id_offset, rng, cfg.height, camera, cfg.style)
             done.nbytes += _save_jpeg(os.path.join(directory, name), img, cfg.quality)
             done.train.append(f"{folder}/{name}")
             done.truth.append((f"{TRAIN_DIR}/{folder}/{name}", identity, task.first))
@@ -177,7 +178,7 @@ def _run_task(out: str, cfg: SynthConfig, task: _Task) -> _Written:
         for k in range(task.first, task.first + task.count):
             rng = np.random.default_rng([cfg.seed, _DISTRACTOR, k])
             identity = cfg.folders + cfg.test_ids + k  # never used by training or test identities
-            img = render_person(identity, rng, cfg.height, GALLERY_CAMID, cfg.style)
+            img = render_person(identity + cfg.id_offset, rng, cfg.height, GALLERY_CAMID, cfg.style)
             done.nbytes += _save_jpeg(os.path.join(directory, distractor_name(k)), img, cfg.quality)
             done.gallery.append(f"{DISTRACTOR_FOLDER}/{distractor_name(k)}")
     else:
@@ -188,7 +189,7 @@ def _run_task(out: str, cfg: SynthConfig, task: _Task) -> _Written:
                 directory = os.path.join(out, TEST_DIR, subset, folder)
                 os.makedirs(directory, exist_ok=True)
                 rng = np.random.default_rng([cfg.seed, kind, test_id])
-                img = render_person(test_id, rng, cfg.height, camera, cfg.style)
+                img = render_person(test_id + cfg.id_offset, rng, cfg.height, camera, cfg.style)
                 name = test_image_name(test_id, camera)
                 done.nbytes += _save_jpeg(os.path.join(directory, name), img, cfg.quality)
                 lines.append(f"{folder}/{name}")

@@ -1,0 +1,286 @@
+"""``sysu30k train-ssg``: Self-similarity Grouping (SSG.md) on the same shards, loader, loop and evaluator.
+
+Stage ``source``: supervised training on a labelled source dataset (folder = identity), P×K identity
+batches, cross-entropy + batch-hard triplet (§1). Stage ``adapt``: from a source checkpoint, repeat
+{extract flip-summed global/upper/lower features of the unlabelled target → k-reciprocal Jaccard
+distance with the source term per view → DBSCAN (eps fixed at iteration 0) → drop images that are
+outliers in any view → train ``epochs_per_iteration`` epochs with the four triplet terms} (§2), with
+SSG++'s second, one-label-per-cluster stream from ``plus_from`` on (§3, :mod:`.plus`). Checkpoints,
+resume, logs and validation are the shared loop of :mod:`sysu30k.loop`; the clustering state of the
+current iteration travels in each checkpoint, so a resumed run re-clusters nothing it had clustered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..errors import UserError
+from ..evaluation.features import extract_features
+from ..loader import EvalLoader, GroupLoader, GroupSpec, LoaderOptions, TransformSpec
+from ..loader.catalog import load_catalog
+from ..loop import RunOptions, Session, distributed, param_groups, run_epochs
+from ..model import ModelConfig, build_model
+from ..split import excluded_folders
+from ..storage import Storage
+from .losses import MINING, source_loss, ssg_loss
+from .quality import clustering_quality
+
+log = logging.getLogger("sysu30k")
+STAGES = ("source", "adapt")
+FORMAT = "sysu30k-train-ssg/1"
+VIEWS = ("g", "up", "low")
+
+
+@dataclass(frozen=True)
+class SSGConfig:
+    """Everything that decides the trained weights (stored in checkpoints, compared on resume). The
+    defaults are the released code's adaptation settings; :meth:`for_stage` gives each stage's."""
+
+    stage: str = "adapt"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(head="ssg", num_classes=1))
+    height: int = 256
+    width: int = 128
+    epochs: int = 150                   # source stage
+    decay_from: int = 100               # source: lr·0.001^((epoch − decay_from)/(epochs − decay_from)) after it
+    iterations: int = 30                # adapt stage
+    epochs_per_iteration: int = 70
+    groups: int = 32                    # P clusters (identities) per batch
+    per_group: int = 4                  # K images of each
+    optimizer: str = "sgd"
+    lr: float = 6e-5
+    head_lr_mult: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    margin: float = 0.5
+    mining: str = "semi"
+    k1: int = 20
+    k2: int = 6
+    lam: float = 0.1
+    rho: float = 1.6e-3
+    min_samples: int = 4
+    plus_from: int = -1                 # SSG++ from this iteration on (-1: off)
+    init: str | None = None             # the source-stage checkpoint the adaptation starts from
+    source: str | None = None           # the source DST whose features enter the distance (λ term)
+    seed: int = 1
+
+    @classmethod
+    def for_stage(cls, stage: str, **overrides) -> "SSGConfig":
+        """The released settings of ``stage`` (source: Adam 3e-4, new layers ×3, 16×8, 150 epochs), then
+        ``overrides`` (None values are ignored)."""
+        if stage not in STAGES:
+            raise UserError(f"--stage must be one of {', '.join(STAGES)}")
+        base = dict(stage=stage)
+        if stage == "source":
+            base.update(groups=16, per_group=8, optimizer="adam", lr=3e-4, head_lr_mult=3.0)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs if self.stage == "source" else self.iterations * self.epochs_per_iteration
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ExpDecay:
+    """lr factor 1 until ``start``, then 0.001^((epoch − start)/(end − start)) (the source schedule)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+
+    def __call__(self, epoch: int) -> float:
+        if epoch <= self.start or self.end <= self.start:
+            return 1.0
+        return 0.001 ** ((epoch - self.start) / (self.end - self.start))
+
+
+def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptions(),
+          truth: dict[str, int] | None = None) -> dict:
+    """Run ``cfg.stage`` on DST into ``out_dir`` (resuming what is there); returns the last epoch's record.
+
+    ``truth`` (key → true identity, synthetic data) adds NMI/ARI to the clustering records and is the
+    annotator SSG++ asks for one label per cluster.
+    """
+    if cfg.mining not in MINING:
+        raise UserError(f"--mining must be one of {', '.join(MINING)}")
+    if cfg.stage == "adapt" and not cfg.init:
+        raise UserError("--stage adapt needs --init: a source-stage checkpoint (sysu30k train-ssg --stage source)")
+    if cfg.plus_from >= 0 and truth is None:
+        raise UserError("SSG++ (--plus-from) annotates one image per cluster: give the labels with --truth")
+    rank, world, local_rank = distributed()
+    device = torch.device(run.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    options = LoaderOptions(decoder=run.decoder, workers=run.workers, rank=rank, world=world, seed=cfg.seed,
+                            storage_options=run.storage_options)
+    excluded = frozenset(excluded_folders(dst_url, run.storage_options))
+    torch.manual_seed(cfg.seed)
+    if cfg.stage == "source":
+        classes = _folder_classes(dst_url, excluded, run)
+        cfg = replace(cfg, model=replace(cfg.model, head="ssg", num_classes=len(classes)))
+    source_weights = None
+    if cfg.stage == "adapt":                            # the source model's architecture, without its classes
+        source_weights, source_model = _source_checkpoint(cfg.init)
+        cfg = replace(cfg, model=replace(ModelConfig(**source_model), num_classes=1, pretrained=None))
+    model = build_model(cfg.model)
+    if source_weights is not None:
+        model.load_state_dict(source_weights, strict=False)
+        model.classifier.requires_grad_(False)          # no classifier in adaptation (SSG.md §2.1)
+    model = model.to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None) if world > 1 else model
+    groups = param_groups(model, cfg.lr, cfg.head_lr_mult)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        raise UserError("--optimizer must be sgd or adam")
+    decay = ExpDecay(cfg.decay_from, cfg.epochs) if cfg.stage == "source" else ExpDecay(0, 0)
+    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, net, optimizer,
+                torch.optim.lr_scheduler.LambdaLR(optimizer, decay), device, run, cfg.height, cfg.width, rank, world)
+    state = s.resume()
+    s.start()
+    transform = TransformSpec(height=cfg.height, width=cfg.width)
+    if cfg.stage == "source":
+        loader = GroupLoader(dst_url, None, GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
+        if len(loader) == 0:
+            raise UserError(f"{dst_url} has fewer than {cfg.groups} identities with images: lower --groups")
+        if state is not None:
+            loader.load_state_dict(state)
+        lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.int64)
+        lookup[torch.from_numpy(classes)] = torch.arange(len(classes))
+        lookup = lookup.to(device)
+        log.info("source stage: %d images of %d identities, %d batches/epoch, %s", int((loader.labels >= 0).sum()),
+                 len(classes), len(loader), device)
+        return run_epochs(s, loader, loader.epoch, cfg.epochs,
+                          lambda fwd, b: source_loss(fwd(b.images), lookup[b.folder], cfg.margin), cfg.epochs)
+    return _adapt(s, cfg, dst_url, options, excluded, transform, state, truth)
+
+
+def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, excluded: frozenset[int],
+           transform: TransformSpec, state: dict | None, truth: dict[str, int] | None) -> dict:
+    """The SSG iterations: cluster (unless the resumed checkpoint holds this iteration's clusters), train."""
+    from .plus import PlusStream
+
+    keys = [k for e in load_catalog(Storage(dst_url, options.storage_options), "train", excluded) for k in e.key]
+    if not keys:
+        raise UserError(f"{dst_url} has no training images to adapt to")
+    index = {k: i for i, k in enumerate(keys)}
+    per_iter, record = cfg.epochs_per_iteration, {}
+    epoch = int(state["epoch"]) if state is not None else 0
+    first_it = epoch // per_iter if per_iter else cfg.iterations
+    for it in range(first_it, cfg.iterations):
+        resumed = state is not None and s.extra.get("iteration") == it and "labels" in s.extra
+        if not resumed:
+            labels, eps, quality = group_images(s.model, dst_url, keys, cfg, s.run, s.device,
+                                                s.extra.get("eps"), truth)
+            kept = {k: v for k, v in s.extra.items() if k == "plus_labelled"}    # SSG++ annotates once
+            s.extra = {**kept, "iteration": it, "eps": eps, "labels": torch.from_numpy(labels), "quality": quality}
+            s.append({"event": "cluster", "iteration": it, **quality})
+        labels = s.extra["labels"].numpy()
+        keep = (labels >= 0).all(0)
+        loader = GroupLoader(dst_url, {k: int(labels[0, i]) for i, k in enumerate(keys) if keep[i]},
+                             GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
+        if len(loader) == 0:
+            raise UserError(f"iteration {it + 1}: only {s.extra['quality']['clusters_g']} clusters survive, fewer "
+                            f"than --groups {cfg.groups}: lower --groups or raise --rho")
+        if resumed:
+            loader.load_state_dict(state)
+        plus = (PlusStream(s, cfg, dst_url, keys, labels, truth, it, options, excluded, transform, resumed, state)
+                if 0 <= cfg.plus_from <= it else None)
+        table = torch.from_numpy(labels).to(s.device)
+
+        def loss(fwd, b, table=table, plus=plus):
+            y = table[:, torch.tensor([index[k] for k in b.keys], device=s.device)]
+            terms = ssg_loss(fwd(b.images), b.bag, y[0], y[1], y[2], cfg.margin, cfg.mining)
+            if plus is not None:
+                extra = plus.loss(fwd)
+                terms = {**terms, "plus": extra, "total": terms["total"] + extra}
+            return terms
+
+        log.info("iteration %d/%d: %d of %d images in %d clusters, %d batches/epoch", it + 1, cfg.iterations,
+                 int(keep.sum()), len(keys), s.extra["quality"]["clusters_g"], len(loader))
+        quality = dict(s.extra["quality"])
+        record = run_epochs(s, loader, max(loader.epoch, it * per_iter), (it + 1) * per_iter, loss, cfg.total_epochs,
+                            validate=lambda e: (e + 1) % per_iter == 0,
+                            record_extra=lambda: {"iteration": it, **{f"cluster_{k}": v for k, v in quality.items()}})
+        if plus is not None:
+            plus.close()
+        state = None
+    return record
+
+
+def group_images(model: torch.nn.Module, dst_url: str, keys: list[str], cfg: SSGConfig, run: RunOptions,
+                 device: torch.device, eps: list[float] | None = None,
+                 truth: dict[str, int] | None = None) -> tuple[np.ndarray, list[float], dict]:
+    """One round of self-similarity grouping: labels [3, N] (global, upper, lower; −1 = outlier) of the
+    images ``keys``, the eps of each view (selected here when ``eps`` is None) and quality figures."""
+    from .rerank import cluster, select_eps, ssg_distance
+
+    t0 = time.perf_counter()
+    target = views(train_features(model, dst_url, keys, cfg, run, device))
+    source = views(train_features(model, cfg.source, None, cfg, run, device)) if cfg.source else None
+    t_feat = time.perf_counter() - t0
+    labels = np.empty((3, len(keys)), np.int64)
+    chosen = []
+    for v in range(3):
+        d = ssg_distance(target[v], source[v] if source is not None else None, cfg.k1, cfg.k2, cfg.lam,
+                         device=device)
+        chosen.append(float(eps[v]) if eps else select_eps(d, cfg.rho))
+        labels[v] = cluster(d, chosen[-1], cfg.min_samples)
+    quality = clustering_quality(labels, [truth.get(k, -1) for k in keys] if truth else None)
+    quality.update({f"eps_{name}": e for name, e in zip(VIEWS, chosen)},
+                   extract_s=t_feat, distance_s=time.perf_counter() - t0 - t_feat)
+    log.info("grouping: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in quality.items()))
+    return labels, chosen, quality
+
+
+def train_features(model: torch.nn.Module, dst_url: str, keys: list[str] | None, cfg: SSGConfig, run: RunOptions,
+                   device: torch.device) -> torch.Tensor:
+    """cat(f_g, f_up, f_low) of DST's training images (``keys`` in that order, or all), flip-summed and
+    not normalised, as the evaluator's extraction makes them (resize only, SSG.md §2.2)."""
+    loader = EvalLoader(dst_url, "train", run.eval_batch, TransformSpec(height=cfg.height, width=cfg.width, train=False),
+                        LoaderOptions(decoder=run.decoder, workers=run.workers, storage_options=run.storage_options),
+                        flip=True, keys=frozenset(keys) if keys is not None else None)
+    feats, got, _, _ = extract_features(model, loader, device, flip=True, normalize=False)
+    if keys is None:
+        return feats
+    where = {k: i for i, k in enumerate(got)}
+    missing = [k for k in keys if k not in where]
+    if missing:
+        raise UserError(f"{len(missing)} training image(s) of {dst_url} cannot be read, e.g. {missing[0]}")
+    return feats[torch.tensor([where[k] for k in keys])]
+
+
+def views(feats: torch.Tensor) -> list[torch.Tensor]:
+    """The global, upper and lower parts of cat(f_g, f_up, f_low), each L2-normalised on its own."""
+    width = feats.shape[1] // 3
+    return [torch.nn.functional.normalize(feats[:, v * width:(v + 1) * width], dim=1) for v in range(3)]
+
+
+def _folder_classes(dst_url: str, excluded: frozenset[int], run: RunOptions) -> np.ndarray:
+    """The sorted training folders of the source dataset (class c = the c-th folder)."""
+    cat = load_catalog(Storage(dst_url, run.storage_options), "train", excluded)
+    folders = np.unique(np.concatenate([e.folder for e in cat] or [[]]).astype(np.int64))
+    if len(folders) == 0:
+        raise UserError(f"{dst_url} has no training images")
+    return folders
+
+
+def _source_checkpoint(path: str) -> tuple[dict, dict]:
+    """(weights without the classifier, model config) of a source-stage checkpoint."""
+    state = checkpoint.load(Path(path))
+    model = state.get("config", {}).get("model", {})
+    if state.get("format") != FORMAT or model.get("head") != "ssg":
+        raise UserError(f"{path} is not a train-ssg checkpoint (make one with --stage source)")
+    return {k: v for k, v in state["model"].items() if not k.startswith("classifier.")}, model
