@@ -187,9 +187,8 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
             s.extra = {**kept, "iteration": it, "eps": eps, "labels": torch.from_numpy(labels), "quality": quality}
             s.append({"event": "cluster", "iteration": it, **quality})
         labels = s.extra["labels"].numpy()
-        keep = (labels >= 0).all(0)
-        loader = GroupLoader(dst_url, {k: int(labels[0, i]) for i, k in enumerate(keys) if keep[i]},
-                             GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
+        groups = training_groups(keys, labels)
+        loader = GroupLoader(dst_url, groups, GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
         if len(loader) == 0:
             raise UserError(f"iteration {it + 1}: only {s.extra['quality']['clusters_g']} clusters survive, fewer "
                             f"than --groups {cfg.groups}: lower --groups or raise --rho")
@@ -208,7 +207,7 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
             return terms
 
         log.info("iteration %d/%d: %d of %d images in %d clusters, %d batches/epoch", it + 1, cfg.iterations,
-                 int(keep.sum()), len(keys), s.extra["quality"]["clusters_g"], len(loader))
+                 len(groups), len(keys), s.extra["quality"]["clusters_g"], len(loader))
         quality = dict(s.extra["quality"])
         record = run_epochs(s, loader, max(loader.epoch, it * per_iter), (it + 1) * per_iter, loss, cfg.total_epochs,
                             validate=lambda e: (e + 1) % per_iter == 0,
@@ -217,6 +216,12 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
             plus.close()
         state = None
     return record
+
+
+def training_groups(keys: list[str], labels: np.ndarray) -> dict[str, int]:
+    """{key: global cluster} of the images that are no outlier in any view (SSG.md §2.5: the rest sit out)."""
+    keep = (labels >= 0).all(0)
+    return {k: int(labels[0, i]) for i, k in enumerate(keys) if keep[i]}
 
 
 def group_images(model: torch.nn.Module, dst_url: str, keys: list[str], cfg: SSGConfig, run: RunOptions,
