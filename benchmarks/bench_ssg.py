@@ -61,13 +61,13 @@ def _score(dst: Path, ckpt: Path, out: Path) -> dict:
 
 def run_seed(args, seed: int, base: Path) -> dict:
     src, tgt, truth = _data(args, seed, base)
-    common = ["--height", str(args.height), "--width", str(args.width), "--workers", "1", "--seed", str(seed),
-              "--groups", str(args.groups), "--per-group", str(args.per_group), "--device", "cpu"]
+    common = ["--height", str(args.height), "--width", str(args.width), "--workers", "2", "--seed", str(seed),
+              "--per-group", str(args.per_group), "--device", "cpu"]
     t0 = time.perf_counter()
     src_run = base / f"run-src-s{seed}"
     _run(["train-ssg", str(src), "--stage", "source", "--out", str(src_run), "--arch", "resnet18",
-          "--embedding", str(args.embedding), "--epochs", str(args.source_epochs),
-          "--decay-from", str(args.source_epochs * 2 // 3), *common])
+          "--embedding", str(args.embedding), "--epochs", str(args.source_epochs), "--groups", str(args.source_groups),
+          "--lr", str(args.source_lr), "--decay-from", str(args.source_epochs * 2 // 3), *common])
     source_s = time.perf_counter() - t0
     before = _score(tgt, src_run / "last.pt", base / f"eval-src-s{seed}")
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def run_seed(args, seed: int, base: Path) -> dict:
     _run(["train-ssg", str(tgt), "--init", str(src_run / "last.pt"), "--source", str(src), "--truth", str(truth),
           "--out", str(ssg_run), "--iterations", str(args.iterations), "--epochs-per-iteration", str(args.epochs_per_iteration),
           "--optimizer", args.optimizer, "--lr", str(args.lr), "--rho", str(args.rho), "--k1", str(args.k1),
-          "--k2", str(args.k2), *common])
+          "--k2", str(args.k2), "--groups", str(args.groups), *common])
     adapt_s = time.perf_counter() - t0
     after = _score(tgt, ssg_run / "last.pt", base / f"eval-ssg-s{seed}")
     rounds = [json.loads(line) for line in (ssg_run / "metrics.jsonl").read_text().splitlines()]
@@ -90,21 +90,23 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/ssg")
     ap.add_argument("--folders", type=int, default=48)
     ap.add_argument("--images-per-folder", type=int, default=12)
-    ap.add_argument("--test-ids", type=int, default=48)
-    ap.add_argument("--distractors", type=int, default=100)
+    ap.add_argument("--test-ids", type=int, default=96)
+    ap.add_argument("--distractors", type=int, default=200)
     ap.add_argument("--source-style", type=int, default=0)
     ap.add_argument("--target-style", type=int, default=1)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--embedding", type=int, default=512)
+    ap.add_argument("--source-groups", type=int, default=16)
+    ap.add_argument("--source-lr", type=float, default=1e-3)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--per-group", type=int, default=4)
-    ap.add_argument("--source-epochs", type=int, default=12)
+    ap.add_argument("--source-epochs", type=int, default=30)
     ap.add_argument("--iterations", type=int, default=4)
-    ap.add_argument("--epochs-per-iteration", type=int, default=3)
+    ap.add_argument("--epochs-per-iteration", type=int, default=5)
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--rho", type=float, default=0.01)
+    ap.add_argument("--rho", type=float, default=0.015)
     ap.add_argument("--k1", type=int, default=10)
     ap.add_argument("--k2", type=int, default=3)
     args = ap.parse_args()
