@@ -299,6 +299,40 @@ def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: s
     click.echo(f"wrote {out_dir}/ (metrics.json, per_query.parquet, cmc.png, ranked.png)")
 
 
+_RUN_OPTIONS = [
+    click.option("--decoder", type=click.Choice(["auto", "pil", "dali"]), default="auto", show_default=True),
+    click.option("--workers", default=2, show_default=True, help="DataLoader worker processes per GPU/process."),
+    click.option("--device", help="cpu, cuda or cuda:N (default: the local GPU when there is one)."),
+    click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                 help="For datasets in object storage (repeatable)."),
+    click.option("--log-every", default=10, show_default=True, help="Steps between JSONL step records."),
+    click.option("--keep-every", default=0, show_default=True,
+                 help="Also keep checkpoints/epoch-NNN.pt every N epochs (last.pt is rewritten every epoch)."),
+    click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over."),
+]
+
+
+def _run_options(f):
+    """The options of every training command that say how to run, not what to train."""
+    for option in reversed(_RUN_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _start_run(out_dir: str, overwrite: bool, decoder: str, workers: int, device: str | None,
+               storage_options: tuple[str, ...], log_every: int, keep_every: int):
+    """The RunOptions of a training command (after deleting ``out_dir`` when asked to)."""
+    import shutil
+
+    from .loop import RunOptions
+    from .storage import parse_options
+
+    if overwrite and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    return RunOptions(decoder=decoder, workers=workers, device=device, log_every=log_every, keep_every=keep_every,
+                      storage_options=parse_options(storage_options))
+
+
 @cli.command("train-weak")
 @click.argument("dst")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -326,15 +360,7 @@ def eval_(dst: str | None, checkpoint: str | None, split: str, query_features: s
 @click.option("--margin", default=1.2, show_default=True, help="Weak triplet margin.")
 @click.option("--resample", is_flag=True, help="Exact bag windows with repeated images, instead of exactly-once epochs.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--decoder", type=click.Choice(["auto", "pil", "dali"]), default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes per GPU/process.")
-@click.option("--device", help="cpu, cuda or cuda:N (default: the local GPU when there is one).")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="For a DST in object storage (repeatable).")
-@click.option("--log-every", default=10, show_default=True, help="Steps between JSONL step records.")
-@click.option("--keep-every", default=0, show_default=True,
-              help="Also keep checkpoints/epoch-NNN.pt every N epochs (last.pt is rewritten every epoch).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
+@_run_options
 def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, pretrained: str | None, epochs: int,
                bags: int, per_bag: int, height: int, width: int, optimizer: str, lr: float, head_lr_mult: float,
                weight_decay: float, lr_steps: str, pairwise_weight: float, triplet_weight: float, sigma: float,
@@ -346,27 +372,21 @@ def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, p
     `sysu30k split --val-folders N` done first, each epoch is validated and best.pt kept by val rank-1.
     Several GPUs: torchrun --nproc-per-node N -m sysu30k train-weak ...
     """
-    import shutil
-
     from .losses import LossWeights
     from .model import ModelConfig
-    from .storage import parse_options
-    from .trainer import RunOptions, TrainConfig, train
+    from .trainer import TrainConfig, train
 
     try:
         steps = tuple(int(x) for x in lr_steps.split(",") if x.strip())
     except ValueError:
         raise UserError("--lr-steps takes comma-separated epochs, e.g. 40,70") from None
-    if overwrite and os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
+    run = _start_run(out_dir, overwrite, decoder, workers, device, storage_options, log_every, keep_every)
     cfg = TrainConfig(method=method, model=ModelConfig(arch=arch, embedding=embedding, pretrained=pretrained),
                       epochs=epochs, bags=bags, per_bag=per_bag, height=height, width=width, optimizer=optimizer,
                       lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay, lr_steps=steps,
                       weights=LossWeights(pairwise_weight, triplet_weight, sigma, margin), resample=resample,
                       seed=seed)
-    record = train(dst, out_dir, cfg, RunOptions(decoder=decoder, workers=workers, device=device,
-                                                 log_every=log_every, keep_every=keep_every,
-                                                 storage_options=parse_options(storage_options)))
+    record = train(dst, out_dir, cfg, run)
     val = {k: v for k, v in record.items() if k.startswith("val_")}
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {out_dir}/best.pt" + (f" (val rank-1 {val['val_rank1']:.3f})" if "val_rank1" in val else ""))
@@ -411,14 +431,7 @@ def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, p
 @click.option("--min-samples", type=int, help="DBSCAN min_samples (the point included)  [4]")
 @click.option("--plus-from", type=int, help="SSG++: add the one-label-per-cluster stream from this iteration  [off]")
 @click.option("--seed", type=int, help="[1]")
-@click.option("--decoder", type=click.Choice(["auto", "pil", "dali"]), default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes per GPU/process.")
-@click.option("--device", help="cpu, cuda or cuda:N (default: the local GPU when there is one).")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="For datasets in object storage (repeatable).")
-@click.option("--log-every", default=10, show_default=True, help="Steps between JSONL step records.")
-@click.option("--keep-every", default=0, show_default=True, help="Also keep checkpoints/epoch-NNN.pt every N epochs.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run in --out and start over.")
+@_run_options
 def train_ssg(dst: str, out_dir: str, stage: str, init: str | None, source_dst: str | None, truth: str | None,
               arch: str, embedding: int, pretrained: str | None, decoder: str, workers: int, device: str | None,
               storage_options: tuple[str, ...], log_every: int, keep_every: int, overwrite: bool, **settings) -> None:
@@ -432,23 +445,16 @@ def train_ssg(dst: str, out_dir: str, stage: str, init: str | None, source_dst: 
     epoch and on SIGTERM; rerun the same command to resume exactly. With `sysu30k split --val-folders N`
     on DST, each clustering round ends with a validation and best.pt is kept by val rank-1.
     """
-    import shutil
-
     from .model import ModelConfig
     from .ssg.train import SSGConfig, train
-    from .storage import parse_options
     from .synth.truth import read_truth
-    from .trainer import RunOptions
 
-    if overwrite and os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    options = parse_options(storage_options)
+    run = _start_run(out_dir, overwrite, decoder, workers, device, storage_options, log_every, keep_every)
     cfg = SSGConfig.for_stage(stage, init=init, source=source_dst,
                               model=ModelConfig(arch=arch, embedding=embedding, pretrained=pretrained, head="ssg"),
                               **settings)
-    labels = {k: t for k, (t, _) in read_truth(truth, dst, options).items()} if truth else None
-    record = train(dst, out_dir, cfg, RunOptions(decoder=decoder, workers=workers, device=device, log_every=log_every,
-                                                 keep_every=keep_every, storage_options=options), labels)
+    labels = {k: t for k, (t, _) in read_truth(truth, dst, run.storage_options).items()} if truth else None
+    record = train(dst, out_dir, cfg, run, labels)
     if int(os.environ.get("RANK", "0")) == 0:
         val = f" (val rank-1 {record['val_rank1']:.3f})" if "val_rank1" in record else ""
         click.echo(f"done: {out_dir}/best.pt{val}")
