@@ -55,6 +55,23 @@ def distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def start_process(run: RunOptions) -> tuple[int, int, torch.device]:
+    """(rank, world, device) of this process: the process group when torchrun launched us, and the
+    device ``run`` names, else this rank's GPU when there is one, else the CPU."""
+    rank, world, local_rank = distributed()
+    device = torch.device(run.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def parallel(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """``model`` wrapped in DDP when there are several ranks, else itself."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def param_groups(model: torch.nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
     """Backbone parameters at ``lr``, the new layers (:data:`HEAD_MODULES`) at ``lr × head_lr_mult``."""
     head = [p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES and p.requires_grad]

@@ -16,7 +16,7 @@ import torch
 from . import manifests
 from .errors import UserError
 from .loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
-from .loop import LossFn, RunOptions, Session, distributed, param_groups, run_epochs
+from .loop import LossFn, RunOptions, Session, param_groups, parallel, run_epochs, start_process
 from .losses import METHODS, LossWeights, method_loss
 from .model import ModelConfig, build_model
 from .storage import Storage
@@ -81,10 +81,7 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     """
     if cfg.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}")
-    rank, world, local_rank = distributed()
-    device = torch.device(run.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = start_process(run)
     dst = Storage(dst_url, run.storage_options)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes(dst)))
     torch.manual_seed(cfg.seed)
@@ -95,10 +92,8 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     model = build_model(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None) if world > 1 else model
     optimizer = _optimizer(model, cfg)
-    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, net, optimizer,
+    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, parallel(model, device, world), optimizer,
                 torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma), device, run,
                 cfg.height, cfg.width, rank, world)
     state = s.resume()
