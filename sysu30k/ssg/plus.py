@@ -53,15 +53,15 @@ class PlusStream:
 
     def __init__(self, s: Session, cfg, dst_url: str, keys: list[str], labels: np.ndarray, truth: dict[str, int],
                  iteration: int, options: LoaderOptions, excluded: frozenset[int], transform: TransformSpec,
-                 resumed: bool, state: dict | None):
-        from .train import train_features
-
+                 features: torch.Tensor | None):
+        """``features``: this iteration's target features (:func:`.train.train_features`, ``keys`` order),
+        from which the stream's labels are made; None when resuming, the labels being in ``s.extra``."""
         self.s, self.cfg = s, cfg
         if "plus_labelled" not in s.extra:
             s.extra["plus_labelled"] = torch.from_numpy(annotate(labels[0], cfg.seed, iteration))
         labelled = s.extra["plus_labelled"].numpy()
-        if not (resumed and "plus_targets" in s.extra):
-            joint = torch.nn.functional.normalize(train_features(s.model, dst_url, keys, cfg, s.run, s.device), dim=1)
+        if features is not None:
+            joint = torch.nn.functional.normalize(features, dim=1)
             nearest, dist = nearest_labelled(joint, labelled, cfg.k1, cfg.k2, s.device)
             ids = np.array([truth.get(keys[i], -1) for i in labelled], np.int64)
             unlabelled = np.setdiff1d(np.arange(len(keys)), labelled)

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..evaluation.features import extract_features
 from ..loader import EvalLoader, GroupLoader, GroupSpec, LoaderOptions, TransformSpec
 from ..loader.catalog import load_catalog
-from ..loop import RunOptions, Session, distributed, param_groups, run_epochs
+from ..loop import RunOptions, Session, param_groups, parallel, run_epochs, start_process
 from ..model import ModelConfig, build_model
 from ..split import excluded_folders
 from ..storage import Storage
@@ -115,19 +115,20 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
         raise UserError("--stage adapt needs --init: a source-stage checkpoint (sysu30k train-ssg --stage source)")
     if cfg.plus_from >= 0 and truth is None:
         raise UserError("SSG++ (--plus-from) annotates one image per cluster: give the labels with --truth")
-    rank, world, local_rank = distributed()
-    device = torch.device(run.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = start_process(run)
     options = LoaderOptions(decoder=run.decoder, workers=run.workers, rank=rank, world=world, seed=cfg.seed,
                             storage_options=run.storage_options)
     excluded = frozenset(excluded_folders(dst_url, run.storage_options))
+    transform = TransformSpec(height=cfg.height, width=cfg.width)
     torch.manual_seed(cfg.seed)
-    if cfg.stage == "source":
-        classes = _folder_classes(dst_url, excluded, run)
-        cfg = replace(cfg, model=replace(cfg.model, head="ssg", num_classes=len(classes)))
     source_weights = None
-    if cfg.stage == "adapt":                            # the source model's architecture, without its classes
+    if cfg.stage == "source":                           # folder = identity; class c = the c-th folder
+        loader = GroupLoader(dst_url, None, GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
+        if len(loader) == 0:
+            raise UserError(f"{dst_url} has fewer than {cfg.groups} identities with images: lower --groups")
+        classes = np.unique(loader.labels[loader.labels >= 0])
+        cfg = replace(cfg, model=replace(cfg.model, head="ssg", num_classes=len(classes)))
+    else:                                               # the source model's architecture, without its classes
         source_weights, source_model = _source_checkpoint(cfg.init)
         cfg = replace(cfg, model=replace(ModelConfig(**source_model), num_classes=1, pretrained=None))
     model = build_model(cfg.model)
@@ -135,8 +136,6 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
         model.load_state_dict(source_weights, strict=False)
         model.classifier.requires_grad_(False)          # no classifier in adaptation (SSG.md §2.1)
     model = model.to(device)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None) if world > 1 else model
     groups = param_groups(model, cfg.lr, cfg.head_lr_mult)
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -145,15 +144,11 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
     else:
         raise UserError("--optimizer must be sgd or adam")
     decay = ExpDecay(cfg.decay_from, cfg.epochs) if cfg.stage == "source" else ExpDecay(0, 0)
-    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, net, optimizer,
+    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, parallel(model, device, world), optimizer,
                 torch.optim.lr_scheduler.LambdaLR(optimizer, decay), device, run, cfg.height, cfg.width, rank, world)
     state = s.resume()
     s.start()
-    transform = TransformSpec(height=cfg.height, width=cfg.width)
     if cfg.stage == "source":
-        loader = GroupLoader(dst_url, None, GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
-        if len(loader) == 0:
-            raise UserError(f"{dst_url} has fewer than {cfg.groups} identities with images: lower --groups")
         if state is not None:
             loader.load_state_dict(state)
         lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.int64)
@@ -180,8 +175,9 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
     first_it = epoch // per_iter if per_iter else cfg.iterations
     for it in range(first_it, cfg.iterations):
         resumed = state is not None and s.extra.get("iteration") == it and "labels" in s.extra
+        features = None                                 # this round's target features (a resumed round has none)
         if not resumed:
-            labels, eps, quality = group_images(s.model, dst_url, keys, cfg, s.run, s.device,
+            labels, eps, quality, features = group_images(s.model, dst_url, keys, cfg, s.run, s.device,
                                                 s.extra.get("eps"), truth)
             kept = {k: v for k, v in s.extra.items() if k == "plus_labelled"}    # SSG++ annotates once
             s.extra = {**kept, "iteration": it, "eps": eps, "labels": torch.from_numpy(labels), "quality": quality}
@@ -194,7 +190,7 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
                             f"than --groups {cfg.groups}: lower --groups or raise --rho")
         if resumed:
             loader.load_state_dict(state)
-        plus = (PlusStream(s, cfg, dst_url, keys, labels, truth, it, options, excluded, transform, resumed, state)
+        plus = (PlusStream(s, cfg, dst_url, keys, labels, truth, it, options, excluded, transform, features)
                 if 0 <= cfg.plus_from <= it else None)
         table = torch.from_numpy(labels).to(s.device)
 
@@ -226,13 +222,15 @@ def training_groups(keys: list[str], labels: np.ndarray) -> dict[str, int]:
 
 def group_images(model: torch.nn.Module, dst_url: str, keys: list[str], cfg: SSGConfig, run: RunOptions,
                  device: torch.device, eps: list[float] | None = None,
-                 truth: dict[str, int] | None = None) -> tuple[np.ndarray, list[float], dict]:
+                 truth: dict[str, int] | None = None) -> tuple[np.ndarray, list[float], dict, torch.Tensor]:
     """One round of self-similarity grouping: labels [3, N] (global, upper, lower; −1 = outlier) of the
-    images ``keys``, the eps of each view (selected here when ``eps`` is None) and quality figures."""
+    images ``keys``, the eps of each view (selected here when ``eps`` is None), quality figures, and the
+    target features it grouped (:func:`train_features`, which SSG++ reuses)."""
     from .rerank import cluster, select_eps, ssg_distance
 
     t0 = time.perf_counter()
-    target = views(train_features(model, dst_url, keys, cfg, run, device))
+    features = train_features(model, dst_url, keys, cfg, run, device)
+    target = views(features)
     source = views(train_features(model, cfg.source, None, cfg, run, device)) if cfg.source else None
     t_feat = time.perf_counter() - t0
     labels = np.empty((3, len(keys)), np.int64)
@@ -247,7 +245,7 @@ def group_images(model: torch.nn.Module, dst_url: str, keys: list[str], cfg: SSG
                    extract_s=t_feat, distance_s=time.perf_counter() - t0 - t_feat)
     log.info("grouping: %s", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in quality.items()))
-    return labels, chosen, quality
+    return labels, chosen, quality, features
 
 
 def train_features(model: torch.nn.Module, dst_url: str, keys: list[str] | None, cfg: SSGConfig, run: RunOptions,
@@ -271,15 +269,6 @@ def views(feats: torch.Tensor) -> list[torch.Tensor]:
     """The global, upper and lower parts of cat(f_g, f_up, f_low), each L2-normalised on its own."""
     width = feats.shape[1] // 3
     return [torch.nn.functional.normalize(feats[:, v * width:(v + 1) * width], dim=1) for v in range(3)]
-
-
-def _folder_classes(dst_url: str, excluded: frozenset[int], run: RunOptions) -> np.ndarray:
-    """The sorted training folders of the source dataset (class c = the c-th folder)."""
-    cat = load_catalog(Storage(dst_url, run.storage_options), "train", excluded)
-    folders = np.unique(np.concatenate([e.folder for e in cat] or [[]]).astype(np.int64))
-    if len(folders) == 0:
-        raise UserError(f"{dst_url} has no training images")
-    return folders
 
 
 def _source_checkpoint(path: str) -> tuple[dict, dict]:
