@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
+
 CONFIGS = ("ours", "baseline", "matmul_chunked", "matmul_full")
 WRAPPER = ("import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:]); "
            "print(json.dumps({'rc': p.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
@@ -170,7 +172,7 @@ def main() -> None:
         check["max_abs_diff"] = max(abs(mo[k] - mb[k]) for k in mb)
     result = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "median": med, "runs": runs, **check,
               "wall_s": time.time() - t0, "cpus": os.cpu_count(),
-              "cpu": _cpu_name(), "torch_threads": runs[configs[0]][0]["threads"]}
+              "cpu": cpu_name(), "torch_threads": runs[configs[0]][0]["threads"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -179,19 +181,9 @@ def main() -> None:
     print(section)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
-
-
 def markdown(r: dict) -> str:
     a, m = r["args"], r["median"]
-    lines = [f"## Scoring at SYSU-30k scale (`benchmarks/bench_scoring.py`)", "",
+    lines = ["## Scoring at SYSU-30k scale (`benchmarks/bench_scoring.py`)", "",
              f"{a['queries']:,} queries × {a['gallery']:,} gallery × {a['dim']}-d random L2-normalised float32 "
              f"features, CPU ({r['cpus']} cores, {r['cpu']}, torch threads {r['torch_threads']}), "
              f"chunk {a['chunk']}, {a['reps']} interleaved repetitions, medians; each measurement in its own "

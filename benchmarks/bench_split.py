@@ -38,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["dask-cold", "dask-warm", "plain"]
 OFFICIAL_IDS = range(28311, 29311)
@@ -251,7 +253,7 @@ def main() -> None:
             print(f"rep {rep} {c:<10} {r['seconds']:7.2f} s  client {r['client_peak_mb']:7.0f} MB  "
                   f"worker max {r['worker_peak_mb']:6.0f} MB  (q {r['queries']}, g {r['gallery']}, "
                   f"findings {r['findings']})", flush=True)
-    meta = {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": _cpu(),
+    meta = {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": cpu_name(),
             "python": platform.python_version(), "argv": sys.argv, "input": info}
     (out / f"results-rg{args.row_groups}-t{args.train_rows}.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=1))
@@ -264,16 +266,6 @@ def main() -> None:
         runs = ", ".join(f"{r['seconds']:.2f}" for r in rs)
         print(f"| {c} | {med('seconds'):.2f} (runs: {runs}) | "
               f"{med('client_peak_mb'):.0f} | {workers} |")
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

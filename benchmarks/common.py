@@ -21,13 +21,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (the platform's processor string where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def machine() -> dict:
     """CPU model and count, memory, Python and library versions, and the load when the run started."""
     import PIL
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": cpu,
+    return {"date": datetime.date.today().isoformat(), "nproc": os.cpu_count(), "cpu": cpu_name(),
             "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "pillow": PIL.__version__,
             **{d: _version(d) for d in _DISTS}, "pillow_simd": _version("pillow-simd") is not None,

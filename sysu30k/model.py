@@ -90,7 +90,6 @@ class ReIDNet(nn.Module):
         return {"feat": pooled, "logits": self.classifier(emb),
                 "appearance": torch.flatten(nn.functional.adaptive_avg_pool2d(early, 1), 1)}
 
-
     def _forward_ssg(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         fmap = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         half = fmap.shape[2] // 2
