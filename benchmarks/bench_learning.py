@@ -131,6 +131,8 @@ def child(args) -> None:
                       optimizer=args.optimizer, lr=args.lr, head_lr_mult=args.head_lr_mult,
                       weight_decay=args.weight_decay,
                       lr_steps=tuple(int(s) for s in args.lr_steps.split(",") if s),
+                      erase_p=args.erase_p,
+                      warmup_epochs=0 if args.method in ("oracle", "folder") else args.warmup_epochs,
                       weights=LossWeights(pairwise=args.w_pairwise, triplet=args.w_triplet, sigma=args.sigma,
                                           margin=args.margin),
                       resample=False, seed=args.train_seed)
@@ -165,7 +167,7 @@ def child(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ summary
-HP = ("height", "width", "epochs", "bags", "per_bag", "optimizer", "lr", "head_lr_mult", "weight_decay", "lr_steps", "embedding",
+HP = ("height", "width", "epochs", "warmup_epochs", "erase_p", "bags", "per_bag", "optimizer", "lr", "head_lr_mult", "weight_decay", "lr_steps", "embedding",
       "w_pairwise", "w_triplet", "sigma", "margin", "train_seed")
 
 
@@ -252,6 +254,8 @@ def main() -> None:
     p.add_argument("--w-triplet", type=float, default=2.0)
     p.add_argument("--sigma", type=float, default=1.0)
     p.add_argument("--margin", type=float, default=1.2)
+    p.add_argument("--warmup-epochs", type=int, default=0, help="dgl/unary: epochs on folder labels first")
+    p.add_argument("--erase-p", type=float, default=0.5)
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="children run at once (each under nice -n 19)")
     p.add_argument("--from-runs", action="store_true", help="no training: summarise runs/<tag>/ as it is")

@@ -242,7 +242,7 @@ def peek(dst: str, out: str, index: int, bags: int, per_bag: int, height: int, w
               help="Print two runs' metrics side by side (writes nothing).")
 @click.option("--chunk", type=int, default=None,
               help="Queries per similarity block (memory: CHUNK x gallery x 4 bytes). Default: 64 on a GPU, "
-                   "up to 512 MB of scores on the CPU.")
+                   "up to 384 MB of scores on the CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1 ...")
 @click.option("--show", multiple=True, metavar="KEY", help="Query key for ranked.png (repeatable; default: the worst).")
 @click.option("--worst", default=6, show_default=True, help="Worst queries drawn in ranked.png when no --show.")
@@ -358,14 +358,22 @@ def _start_run(out_dir: str, overwrite: bool, decoder: str, workers: int, device
 @click.option("--sigma", default=1.0, show_default=True,
               help="Bandwidth of the pairwise appearance kernel; 0 = the batch median of squared distances.")
 @click.option("--margin", default=1.2, show_default=True, help="Weak triplet margin.")
+@click.option("--warmup-epochs", default=0, show_default=True,
+              help="dgl/unary: train the first N epochs on folder labels, so pseudo-labels start from a classifier "
+                   "that already names people (useful without ImageNet weights).")
+@click.option("--pad", type=click.IntRange(min=0), default=None,
+              help="Random-crop padding in pixels  [10 × width / 128]")
+@click.option("--erase-p", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Random-erasing probability.")
 @click.option("--resample", is_flag=True, help="Exact bag windows with repeated images, instead of exactly-once epochs.")
 @click.option("--seed", default=0, show_default=True)
 @_run_options
 def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, pretrained: str | None, epochs: int,
                bags: int, per_bag: int, height: int, width: int, optimizer: str, lr: float, head_lr_mult: float,
                weight_decay: float, lr_steps: str, pairwise_weight: float, triplet_weight: float, sigma: float,
-               margin: float, resample: bool, seed: int, decoder: str, workers: int, device: str | None,
-               storage_options: tuple[str, ...], log_every: int, keep_every: int, overwrite: bool) -> None:
+               margin: float, warmup_epochs: int, pad: int | None, erase_p: float, resample: bool, seed: int,
+               decoder: str, workers: int, device: str | None, storage_options: tuple[str, ...], log_every: int,
+               keep_every: int, overwrite: bool) -> None:
     """Train a ReID model on DST from bag-level labels only (Differentiable Graphical Learning).
 
     Checkpoints every epoch and on SIGTERM; rerun the same command to resume exactly. With
@@ -384,6 +392,7 @@ def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, p
     cfg = TrainConfig(method=method, model=ModelConfig(arch=arch, embedding=embedding, pretrained=pretrained),
                       epochs=epochs, bags=bags, per_bag=per_bag, height=height, width=width, optimizer=optimizer,
                       lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay, lr_steps=steps,
+                      pad=pad, erase_p=erase_p, warmup_epochs=warmup_epochs,
                       weights=LossWeights(pairwise_weight, triplet_weight, sigma, margin), resample=resample,
                       seed=seed)
     record = train(dst, out_dir, cfg, run)

@@ -44,6 +44,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_steps: tuple[int, ...] = ()
     lr_gamma: float = 0.1
+    pad: int | None = None                 # crop padding; None scales it with the width (10 px at 128)
+    erase_p: float = 0.5
+    warmup_epochs: int = 0                 # dgl/unary: the first epochs train on folder labels
     weights: LossWeights = field(default_factory=LossWeights)
     resample: bool = False
     seed: int = 0
@@ -86,7 +89,7 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes(dst)))
     torch.manual_seed(cfg.seed)
     loader = TrainLoader(dst_url, BagSpec(cfg.bags, cfg.per_bag, resample=cfg.resample),
-                         TransformSpec(height=cfg.height, width=cfg.width),
+                         TransformSpec(height=cfg.height, width=cfg.width, pad=cfg.pad, erase_p=cfg.erase_p),
                          LoaderOptions(decoder=run.decoder, workers=run.workers, rank=rank, world=world,
                                        seed=cfg.seed, storage_options=run.storage_options))
     model = build_model(cfg.model).to(device)
@@ -107,11 +110,15 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     if cfg.epochs == 0 and rank == 0:                  # the initialised model, e.g. as an untrained baseline
         s.save(s.out / "last.pt", loader, 0)
         s.save(s.out / "best.pt", loader, 0)
-    return run_epochs(s, loader, loader.epoch, cfg.epochs, _weak_loss(cfg, targets), cfg.epochs)
+    return run_epochs(s, loader, loader.epoch, cfg.epochs, _weak_loss(cfg, targets, loader), cfg.epochs)
 
 
-def _weak_loss(cfg: TrainConfig, targets: dict[str, int] | None) -> LossFn:
-    """The loss of ``cfg.method`` on a bag-structured batch (``targets``: an oracle's classes by key)."""
+def _weak_loss(cfg: TrainConfig, targets: dict[str, int] | None, loader: TrainLoader) -> LossFn:
+    """The loss of ``cfg.method`` on a bag-structured batch (``targets``: an oracle's classes by key).
+
+    During the first ``cfg.warmup_epochs`` epochs (read from the loader's position, so a resumed run agrees)
+    every method trains as ``folder``: a classifier that names no one yet would make the bag's pseudo-labels
+    a coin toss, and training on them reinforces the toss."""
     def loss(forward, b) -> dict:
         out = forward(b.images)
         if not bool(b.valid.any()):                     # a padding batch: keep DDP in step, learn nothing
@@ -119,5 +126,6 @@ def _weak_loss(cfg: TrainConfig, targets: dict[str, int] | None) -> LossFn:
         override = None
         if targets is not None:
             override = torch.tensor([targets.get(k, -100) for k in b.keys], device=b.images.device)
-        return method_loss(cfg.method, out, b.bag_labels, b.bag, b.folder, b.valid, cfg.weights, override)
+        method = "folder" if loader.epoch < cfg.warmup_epochs else cfg.method
+        return method_loss(method, out, b.bag_labels, b.bag, b.folder, b.valid, cfg.weights, override)
     return loss

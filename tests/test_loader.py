@@ -12,6 +12,7 @@ import torch
 from sysu30k.loader import BagSpec, EvalLoader, LoaderOptions, TrainLoader, TransformSpec
 from sysu30k.loader.catalog import ShardEntries, assign_streams
 from sysu30k.loader.sampler import batches_for, plan_epoch
+from sysu30k.loader.transforms import draw_params
 from sysu30k.plan import ShardingOptions
 from sysu30k.shard import ShardJob, run_shard
 
@@ -238,3 +239,11 @@ def test_folders_held_out_by_split_are_excluded_by_default(packed, tmp_path):
     assert loader.excluded == frozenset(held)
     seen = {int(f) for b in loader for f, v in zip(b.folder, b.valid) if v}
     assert seen and not seen & held and seen | held == set(train_keys(packed).values())
+
+
+def test_crop_padding_scales_with_the_width_unless_given():
+    """10 px at 256×128 as in ReID practice, proportionally less for CPU-sized inputs; an explicit pad is kept."""
+    assert [TransformSpec(height=2 * w, width=w).pad for w in (128, 64, 32)] == [10, 5, 3]
+    assert TransformSpec(height=64, width=32, pad=0).pad == 0
+    params = draw_params(500, TransformSpec(height=64, width=32), np.random.default_rng(0))
+    assert params.crop_x.min() == 0 and params.crop_x.max() == 6

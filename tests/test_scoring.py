@@ -267,3 +267,15 @@ def test_gpu_matches_reference(monkeypatch, direct):
     for seed in range(3):
         check(*random_case(seed, ids=8), chunk=5, device="cuda")
     check(*random_case(100, nq=23, ng=200, d=4, ids=6, cams=2, scale=2), chunk=4, device="cuda")
+
+
+def test_auto_chunk_fits_budget():
+    """The CPU block holds at most the budget of float32 scores, in multiples of 16 queries, and never more
+    queries than there are; the full SYSU-30k gallery gets blocks of 208 (≤ 384 MB)."""
+    from sysu30k.evaluation.scoring import auto_chunk
+
+    full = auto_chunk(1000, 479_730, "cpu")
+    assert full == 208 and full * 479_730 * 4 <= 384 << 20
+    assert auto_chunk(50, 300, "cpu") == 50
+    assert auto_chunk(1000, 100_000_000, "cpu") == 16
+    assert auto_chunk(1000, 479_730, "cpu", budget_bytes=1 << 30) % 16 == 0
