@@ -359,8 +359,8 @@ def _start_run(out_dir: str, overwrite: bool, decoder: str, workers: int, device
               help="Bandwidth of the pairwise appearance kernel; 0 = the batch median of squared distances.")
 @click.option("--margin", default=1.2, show_default=True, help="Weak triplet margin.")
 @click.option("--warmup-epochs", default=0, show_default=True,
-              help="dgl/unary: train the first N epochs on folder labels, so pseudo-labels start from a classifier "
-                   "that already names people (useful without ImageNet weights).")
+              help="dgl/unary: pseudo-labels are the images' folders for the first N epochs, so the in-bag argmax "
+                   "starts from a classifier that already names people (useful without ImageNet weights).")
 @click.option("--pad", type=click.IntRange(min=0), default=None,
               help="Random-crop padding in pixels  [10 × width / 128]")
 @click.option("--erase-p", type=click.FloatRange(0, 1), default=0.5, show_default=True,

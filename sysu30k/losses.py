@@ -117,21 +117,23 @@ class LossWeights:
 
 def method_loss(method: str, out: dict[str, torch.Tensor], bag_labels: torch.Tensor, bag: torch.Tensor,
                 folder: torch.Tensor, valid: torch.Tensor, w: LossWeights = LossWeights(),
-                targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                targets: torch.Tensor | None = None, warm: bool = False) -> dict[str, torch.Tensor]:
     """The loss terms of ``method`` and their weighted ``total``.
 
     dgl: argmax pseudo-labels, unary + pairwise + weak triplet. unary: the released SYSU-30k recipe,
     balanced pseudo-labels and cross-entropy only. folder: each image labelled with its own folder.
     ``targets`` (class per image) overrides the labels, e.g. for an oracle trained on true identities.
+    ``warm``: a warm-up step, whose pseudo-labels are the images' own folders (every other term unchanged).
     """
     logits, classes = out["logits"], bag_classes(bag_labels)
     if targets is not None or method == "folder":
         labels = targets if targets is not None else folder - 1
         terms = {"unary": unary_loss(logits, labels, valid)}
     elif method == "unary":
-        terms = {"unary": unary_loss(logits, pseudo_labels_balanced(logits, classes, bag), valid)}
+        pseudo = folder - 1 if warm else pseudo_labels_balanced(logits, classes, bag)
+        terms = {"unary": unary_loss(logits, pseudo, valid)}
     elif method == "dgl":
-        pseudo = pseudo_labels_argmax(logits, classes)
+        pseudo = folder - 1 if warm else pseudo_labels_argmax(logits, classes)
         terms = {"unary": unary_loss(logits, pseudo, valid),
                  "pairwise": pairwise_loss(logits, out["appearance"], pseudo, valid, w.sigma),
                  "triplet": weak_triplet_loss(out["feat"], classes, valid, w.margin)}

@@ -117,8 +117,8 @@ def _weak_loss(cfg: TrainConfig, targets: dict[str, int] | None, loader: TrainLo
     """The loss of ``cfg.method`` on a bag-structured batch (``targets``: an oracle's classes by key).
 
     During the first ``cfg.warmup_epochs`` epochs (read from the loader's position, so a resumed run agrees)
-    every method trains as ``folder``: a classifier that names no one yet would make the bag's pseudo-labels
-    a coin toss, and training on them reinforces the toss."""
+    the pseudo-labels are the images' folders: a classifier that names no one yet would make the in-bag
+    argmax a coin toss, and training on it reinforces the toss. The other terms run from the start."""
     def loss(forward, b) -> dict:
         out = forward(b.images)
         if not bool(b.valid.any()):                     # a padding batch: keep DDP in step, learn nothing
@@ -126,6 +126,6 @@ def _weak_loss(cfg: TrainConfig, targets: dict[str, int] | None, loader: TrainLo
         override = None
         if targets is not None:
             override = torch.tensor([targets.get(k, -100) for k in b.keys], device=b.images.device)
-        method = "folder" if loader.epoch < cfg.warmup_epochs else cfg.method
-        return method_loss(method, out, b.bag_labels, b.bag, b.folder, b.valid, cfg.weights, override)
+        return method_loss(cfg.method, out, b.bag_labels, b.bag, b.folder, b.valid, cfg.weights, override,
+                           warm=loader.epoch < cfg.warmup_epochs)
     return loss

@@ -109,3 +109,20 @@ def test_methods_combine_their_terms():
     assert set(oracle) == {"unary", "total"}
     dgl["total"].backward()
     assert out["feat"].grad is not None and out["logits"].grad[5].abs().sum() == 0   # invalid slot: no gradient
+
+
+def test_warm_up_steps_take_the_folders_as_pseudo_labels():
+    """A warm-up step of dgl/unary: cross-entropy against each image's own folder, other dgl terms unchanged;
+    after it, the in-bag argmax (which here differs from the folder for image 0)."""
+    logits = torch.full((4, 6), -5.0)
+    logits[0, 2] = 5.0                                   # image 0 (folder 1) looks like class 2 (folder 3)
+    out = {"logits": logits, "appearance": torch.randn(4, 3), "feat": torch.randn(4, 5)}
+    labels = torch.tensor([[1, 2, 3]] * 4)
+    bag, folder, valid = torch.zeros(4, dtype=torch.long), torch.tensor([1, 1, 2, 3]), torch.ones(4, dtype=torch.bool)
+    for method in ("dgl", "unary"):
+        warm = method_loss(method, out, labels, bag, folder, valid, warm=True)
+        assert float(warm["unary"]) == pytest.approx(float(unary_loss(logits, folder - 1, valid)))
+        cold = method_loss(method, out, labels, bag, folder, valid)
+        assert float(cold["unary"]) < float(warm["unary"])
+    warm, cold = (method_loss("dgl", out, labels, bag, folder, valid, warm=w) for w in (True, False))
+    assert float(warm["triplet"]) == pytest.approx(float(cold["triplet"]))

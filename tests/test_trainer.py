@@ -91,7 +91,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(packed, t
 
 
 def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(packed, tmp_path):
-    """Also across the end of a folder-label warm-up: epoch 1 trains on folders only, epochs 2-3 on all dgl terms."""
+    """Also across the end of a folder-label warm-up (epoch 1 on folder pseudo-labels, epochs 2-3 on the argmax)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = ["--method", "dgl", "--epochs", "3", "--keep-every", "1", "--warmup-epochs", "1", *ARGS]
     assert cli("train-weak", str(packed), "--out", str(straight), *args).returncode == 0
@@ -105,9 +105,6 @@ def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(pack
     assert not (killed / "checkpoints" / "epoch-003.pt").exists() and load(killed / "last.pt")["epoch"] < 3
     assert cli("train-weak", str(packed), "--out", str(killed), *args).returncode == 0
     assert same_weights(weights(straight / "last.pt"), weights(killed / "last.pt"))
-    terms = [{k for k in e if k.startswith("train_")} - {"train_images"} for e in epochs(straight)]
-    assert terms[0] == {"train_unary", "train_total"}
-    assert terms[1] == terms[2] == {"train_unary", "train_pairwise", "train_triplet", "train_total"}
 
 
 def test_other_settings_on_an_existing_run_are_refused(packed, tmp_path):
