@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import fsspec
+import pyarrow as pa
 
 from .constants import SUBSETS
 from .errors import UserError
@@ -92,6 +93,10 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
     # costs each worker 0.3 s of imports that compete with planning on a small machine). No thread
     # exists yet when the pool forks: it is created before planning and before any progress bar.
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # pyarrow imports pandas (0.24 s here) when it first builds an array from Python objects, as planning
+    # and every packed shard do. Paid once before the fork, the workers inherit it instead of each paying
+    # it again after planning, on the critical path.
+    pa.array([0])
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for _ in range(workers):
             pool.submit(warm_up)
