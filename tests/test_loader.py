@@ -189,7 +189,7 @@ def test_peek_draws_a_batch_with_one_row_per_bag(packed, tmp_path):
     assert result.exit_code == 0, result.output
     sheet = Image.open(out)
     assert sheet.size == (150 + 5 * (48 + 2), 6 * (96 + 4))
-    assert len(set(sheet.convert("L").getdata())) > 50                 # real pictures, not an empty canvas
+    assert len(set(sheet.convert("L").get_flattened_data())) > 50                 # real pictures, not an empty canvas
     bad = CliRunner().invoke(cli, ["peek", str(packed), "--out", str(out), "--batch", "999"])
     assert bad.exit_code != 0 and "--batch must be below" in str(bad.exception or bad.output)
 

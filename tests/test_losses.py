@@ -102,9 +102,9 @@ def test_methods_combine_their_terms():
     valid = torch.tensor([True] * 5 + [False])
     w = LossWeights(pairwise=0.5, triplet=3.0)
     dgl = method_loss("dgl", out, labels, bag, folder, valid, w)
-    assert float(dgl["total"]) == pytest.approx(float(dgl["unary"] + 0.5 * dgl["pairwise"] + 3.0 * dgl["triplet"]))
+    assert dgl["total"].item() == pytest.approx((dgl["unary"] + 0.5 * dgl["pairwise"] + 3.0 * dgl["triplet"]).item())
     folder_terms = method_loss("folder", out, labels, bag, folder, valid, w)
-    assert float(folder_terms["total"]) == pytest.approx(float(unary_loss(out["logits"], folder - 1, valid)))
+    assert folder_terms["total"].item() == pytest.approx(unary_loss(out["logits"], folder - 1, valid).item())
     oracle = method_loss("dgl", out, labels, bag, folder, valid, w, targets=torch.tensor([0, 0, 0, 4, 4, 4]))
     assert set(oracle) == {"unary", "total"}
     dgl["total"].backward()
