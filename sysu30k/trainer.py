@@ -46,7 +46,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     pad: int | None = None                 # crop padding; None scales it with the width (10 px at 128)
     erase_p: float = 0.5
-    warmup_epochs: int = 0                 # dgl/unary: the first epochs train on folder labels
+    warmup_epochs: int = 0                 # dgl/unary: pseudo-labels are the folders for these first epochs
     weights: LossWeights = field(default_factory=LossWeights)
     resample: bool = False
     seed: int = 0

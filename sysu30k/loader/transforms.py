@@ -1,9 +1,9 @@
 """Image transforms shared by every decoder: the parameters are drawn once, in the sampler's process,
 and each decoder applies exactly them, so decoders agree up to their own rounding.
 
-Training: resize to H×W, pad by ``pad`` (10 px at width 128, scaled with the width by default) and crop
-H×W back at a random offset, horizontal flip, random
-erasing (area 2-40 %, aspect 0.3-3.3, filled with the ImageNet mean, i.e. 0 after normalisation).
+Training: resize to H×W, pad by ``pad`` (by default 10 px at width 128, scaled with the width) and crop
+H×W back at a random offset, horizontal flip, random erasing (area 2-40 %, aspect 0.3-3.3, filled with the
+ImageNet mean, i.e. 0 after normalisation).
 Evaluation: resize to H×W (bicubic, as the official evaluator), and optionally a flipped copy.
 Images leave the decoders as uint8; normalisation happens on the training device.
 """
