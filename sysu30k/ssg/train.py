@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import checkpoint
 from ..errors import UserError
@@ -179,6 +180,10 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
         if not resumed:
             labels, eps, quality, features = group_images(s.model, dst_url, keys, cfg, s.run, s.device,
                                                 s.extra.get("eps"), truth)
+            if s.world > 1:            # rank 0's clusters for all: GPUs may differ in the last bit, and ranks
+                box = [labels, eps, quality]           # with other clusters would count other batches (DDP hang)
+                dist.broadcast_object_list(box, src=0)
+                labels, eps, quality = box
             kept = {k: v for k, v in s.extra.items() if k == "plus_labelled"}    # SSG++ annotates once
             s.extra = {**kept, "iteration": it, "eps": eps, "labels": torch.from_numpy(labels), "quality": quality}
             s.append({"event": "cluster", "iteration": it, **quality})
