@@ -4,7 +4,6 @@ run that lowers the loss, and exact resume after SIGTERM in the middle of an ada
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddp import torchrun_cli
 from sysu30k.checkpoint import load
 from sysu30k.loader import GroupLoader, GroupSpec, LoaderOptions, TransformSpec
 from sysu30k.loader.groups import group_batches, plan_group_epoch
@@ -268,12 +268,7 @@ def test_ssg_plus_adds_a_labelled_stream_from_its_iteration(domains, tmp_path):
 def test_adaptation_under_torchrun_two_ranks_on_cpu(domains, tmp_path):
     """DDP (gloo): both ranks train on rank 0's clusters, one checkpoint and one record per round."""
     run = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    with socket.socket() as sock:                              # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                             port, "-m", "sysu30k", "-q", "train-ssg", str(domains / "tgt"), "--out", str(run),
+    result = subprocess.run([*torchrun_cli(2), "train-ssg", str(domains / "tgt"), "--out", str(run),
                              *adapt_args(domains, epochs_per_iteration=1, iterations=1)],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,7 +4,6 @@ and it runs under torchrun (DDP on CPU with gloo)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddp import torchrun_cli
 from sysu30k.checkpoint import load
 from sysu30k.model import build_model
 
@@ -120,13 +120,7 @@ def test_other_settings_on_an_existing_run_are_refused(packed, tmp_path):
 
 def test_torchrun_two_ranks_on_cpu(packed, tmp_path):
     run = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    with socket.socket() as sock:                              # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
-                             "-m", "sysu30k", "-q",
-                             "train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS],
+    result = subprocess.run([*torchrun_cli(2), "train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     record = epochs(run)[-1]
