@@ -10,7 +10,7 @@ exist. ``sysu30k.plan.make_plan`` runs on ``Storage("synthlist://sysu30k")`` wit
 
 Configurations (interleaved rep by rep):
 
-  ours        make_plan as shipped (streaming: one row group per shard, rows flushed every 65,536)
+  ours        make_plan as shipped (streaming: one Parquet file per shard, rows flushed every 65,536)
   baseline    make_plan with its shard cutter replaced by one that holds every row of a subset in a
               Python list of tuples and cuts/writes the shards only at the end; run at --base-scale
               (default 1/10 and 1/20 of the release) and extrapolated linearly to 29.6 M, because at full
@@ -174,19 +174,17 @@ def write_meta(path: Path, shape: dict) -> None:
 def _list_cutter_class():
     """The baseline: a drop-in for plan._ShardCutter that keeps every row in a list of tuples until close."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from sysu30k.plan import PLAN_SCHEMA, tar_bytes
+    from sysu30k.plan import PLAN_SCHEMA, rows_digest, shard_name, shard_rows_path, tar_bytes
 
     class ListCutter:
-        def __init__(self, f, opts):
-            self.f, self.opts = f, opts
+        def __init__(self, dst, subset, opts, on_shard):
+            self.dst, self.subset, self.opts, self.on_shard = dst, subset, opts, on_shard
             self.rows: list[tuple] = []
 
         def add(self, item) -> None:
             self.rows.append((item.key, item.path, item.folder, item.pid, item.camid, item.distractor, item.size))
 
-        def close(self) -> list[int]:
+        def close(self) -> tuple[list[int], list[str]]:
             sizes, count, nbytes = [], 0, 0
             for row in self.rows:
                 cost = tar_bytes(row[6])
@@ -197,15 +195,15 @@ def _list_cutter_class():
                 nbytes += cost
             if count:
                 sizes.append(count)
-            writer = pq.ParquetWriter(self.f, PLAN_SCHEMA, compression="zstd")
-            start = 0
-            for n in sizes:
+            start, digests = 0, []
+            for index, n in enumerate(sizes):
                 cols = list(zip(*self.rows[start:start + n]))
                 table = pa.table([pa.array(c, type=fld.type) for c, fld in zip(cols, PLAN_SCHEMA)], schema=PLAN_SCHEMA)
-                writer.write_table(table, row_group_size=max(1, n))
+                self.dst.write_table(shard_rows_path(shard_name(self.subset, index)), table)
+                digests.append(rows_digest(table))
+                self.on_shard(self.subset, index, digests[-1])
                 start += n
-            writer.close()
-            return sizes
+            return sizes, digests
 
     return ListCutter
 

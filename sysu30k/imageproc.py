@@ -140,8 +140,11 @@ def _pass_through(data: bytes, im: Image.Image | None, size: tuple[int, int], op
 def prepare(data: bytes, opts: ImageOptions) -> Prepared:
     """Validate ``data`` and return what to pack; raise :class:`Rejected` for bad input."""
     size = plain_jpeg_size(data)
-    if size is not None and size[0] * size[1] <= opts.max_pixels and target_size(*size, opts.resize) == size:
-        return _pass_through(data, None, size, opts)
+    if size is not None and size[0] * size[1] <= opts.max_pixels:
+        target = target_size(*size, opts.resize)
+        if target == size:
+            return _pass_through(data, None, size, opts)
+        return _convert(_open(data, opts.max_pixels), 1, target, opts)     # upright RGB: only resized
     im = _open(data, opts.max_pixels)
     orientation = im.getexif().get(_ORIENTATION, 1) if im.format == "JPEG" else 1
     w, h = im.size
@@ -149,6 +152,12 @@ def prepare(data: bytes, opts: ImageOptions) -> Prepared:
     target = target_size(*shown, opts.resize)
     if im.format == "JPEG" and im.mode == "RGB" and orientation == 1 and target == shown:
         return _pass_through(data, im, (w, h), opts)
+    return _convert(im, orientation, target, opts)
+
+
+def _convert(im: Image.Image, orientation: int, target: tuple[int, int], opts: ImageOptions) -> Prepared:
+    """Decode ``im`` and re-encode it as an upright RGB JPEG of size ``target``."""
+    shown = im.size[::-1] if orientation in _SWAPS_AXES else im.size
     if target != shown and im.format == "JPEG":
         # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; draft keeps the size >= the request
         im.draft("RGB", target if orientation not in _SWAPS_AXES else target[::-1])

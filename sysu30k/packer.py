@@ -2,8 +2,8 @@
 
 Publishing order makes a crash harmless: the tar, its DALI index and the shard's manifest parts are
 each written under a temporary name and renamed into place, and only then is the completion marker
-``_parts/<shard>.done.json`` written. A shard without a marker (or whose tar size disagrees with it)
-is packed again from scratch, with the same bytes as result.
+``_parts/<shard>.done.json`` written. A shard without a marker (or whose tar size disagrees with it, or
+whose marker names other planned rows) is packed again from scratch, with the same bytes as result.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import manifests
 from .imageproc import ImageOptions, Rejected, prepare
-from .plan import read_shard_rows, shard_name
+from .plan import read_shard_rows, rows_digest, shard_name
 from .retry import RetryPolicy
 from .storage import Storage
 from .tarpack import ShardWriter
@@ -56,36 +55,41 @@ class ShardStats:
     rejects: int
     bytes: int
     sha256: str
+    plan_sha256: str = ""     # digest of the planned rows it packed (plan.rows_digest)
 
 
 def marker_path(shard: str) -> str:
     return f"{PARTS_DIR}/{shard}.done.json"
 
 
-def is_complete(dst: Storage, shard: str) -> ShardStats | None:
-    """The stats of ``shard`` when it was fully published and its tar has the recorded size."""
+def is_complete(dst: Storage, shard: str, plan_sha256: str) -> ShardStats | None:
+    """The stats of ``shard`` when it was fully published from the planned rows of digest ``plan_sha256``
+    and its tar has the recorded size."""
     if not dst.exists(marker_path(shard)):
         return None
     stats = ShardStats(**json.loads(dst.read_text(marker_path(shard))))
     tar = f"{SHARD_DIR}/{shard}.tar"
-    if not dst.exists(tar) or dst.size(tar) != stats.bytes:
+    if stats.plan_sha256 != plan_sha256 or not dst.exists(tar) or dst.size(tar) != stats.bytes:
         return None
     return stats
 
 
-def _write_table(dst: Storage, rel: str, table: pa.Table) -> None:
-    with dst.open_atomic(rel) as f:
-        pq.write_table(table, f, compression="zstd")
 
-
-def warm_up() -> None:
-    """A no-op task whose only effect is a worker that has imported the packer and tuned malloc."""
+def start_worker() -> None:
+    """Set up a local packing process (tuned malloc) before its first task."""
     tune_malloc()
 
 
 def _with_sources(src: Storage, paths: list[str]) -> Iterator[bytes | Exception]:
     """The bytes of each source path (or the exception reading it ended with), read in batches one
     batch ahead of the caller."""
+    if src.local:      # a reading thread would only trade the GIL back and forth with this one
+        for path in paths:
+            try:
+                yield src.read(path)
+            except OSError as exc:
+                yield exc
+        return
     chunks = [paths[i:i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(src.read_many, chunks[0]) if chunks else None
@@ -105,7 +109,7 @@ def pack_shard(task: ShardTask) -> ShardStats:
     src = Storage(task.src_url, task.src_options, task.retry)
     dst = Storage(task.dst_url, task.dst_options, task.retry)
     name = shard_name(task.subset, task.index)
-    plan = read_shard_rows(dst, task.subset, task.index)
+    plan = read_shard_rows(dst, name)
     keys, paths = plan["key"].to_pylist(), plan["path"].to_pylist()
     kept: list[int] = []
     packed: dict[str, list] = {"offset": [], "size": [], "width": [], "height": [], "sha256": []}
@@ -133,9 +137,9 @@ def pack_shard(task: ShardTask) -> ShardStats:
                        "path": rows["path"], "folder": rows["folder"], "pid": rows["pid"], "camid": rows["camid"],
                        "distractor": rows["distractor"], "shard": pa.array([name] * len(kept), pa.string()),
                        **{k: pa.array(v) for k, v in packed.items()}})
-    _write_table(dst, f"{PARTS_DIR}/{name}.images.parquet", images.cast(manifests.schema("images")))
-    _write_table(dst, f"{PARTS_DIR}/{name}.rejects.parquet",
+    dst.write_table(f"{PARTS_DIR}/{name}.images.parquet", images.cast(manifests.schema("images")))
+    dst.write_table(f"{PARTS_DIR}/{name}.rejects.parquet",
                  pa.Table.from_pylist(rejects, schema=manifests.schema("rejects")))
-    stats = ShardStats(name, task.subset, len(images), len(rejects), size, digest)
+    stats = ShardStats(name, task.subset, len(images), len(rejects), size, digest, rows_digest(plan))
     dst.write_atomic(marker_path(name), json.dumps(asdict(stats)).encode())
     return stats

@@ -1,21 +1,23 @@
-"""Planning: assign every input to a shard before any image is read, streaming, in packing order.
+"""Planning: assign every input to a shard before any of its images is read, streaming, in packing order.
 
-The plan of a subset is ``_plan/<subset>.parquet`` with one row group per shard, so a shard task reads
-exactly its own rows; layout rejects go to ``_plan/rejects.parquet``; bags to ``_plan/bags.parquet``;
-``_plan/plan.json`` is written last and makes the plan valid. Shards close at ``shard_count`` images or
-when the next image would pass ``shard_size`` bytes of tar (source size plus header and padding), so
-the same tree and options always give the same shards.
+``_plan/run.json`` (source and settings) is written before anything else. Each shard's rows go to
+``_plan/<shard>.parquet`` the moment the shard is cut, and the caller hears of it at once, so packing
+starts while the walk goes on. Layout rejects go to ``_plan/rejects.parquet``, bags to
+``_plan/bags.parquet``; ``_plan/plan.json`` is written last and makes the plan complete. Shards close at
+``shard_count`` images or when the next image would pass ``shard_size`` bytes of tar (source size plus
+header and padding), so the same tree and options always give the same shards; each shard's rows carry a
+digest, and a shard packed by an interrupted run counts only when its digest is planned again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import manifests
 from .bags import Bag, consecutive_bags, parse_bag_json
@@ -24,7 +26,7 @@ from .layout import LayoutReject, SourceImage, SubsetReport, train_folders, walk
 from .storage import Storage
 
 PLAN_DIR = "_plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 PLAN_SCHEMA = pa.schema([
     ("key", pa.string()), ("path", pa.string()), ("folder", pa.int32()), ("pid", pa.int32()),
     ("camid", pa.int8()), ("distractor", pa.bool_()), ("src_size", pa.int64()),
@@ -50,13 +52,22 @@ def tar_bytes(size: int) -> int:
     return _BLOCK + -(-size // _BLOCK) * _BLOCK
 
 
-class _ShardCutter:
-    """Buffers a subset's rows and writes one Parquet row group per shard."""
+def rows_digest(rows: pa.Table) -> str:
+    """sha256 of what a shard packs: its keys, source paths and source sizes, in order."""
+    content = [rows["key"].to_pylist(), rows["path"].to_pylist(), rows["src_size"].to_pylist()]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
-    def __init__(self, f, opts: ShardingOptions):
-        self.opts = opts
-        self._writer = pq.ParquetWriter(f, PLAN_SCHEMA, compression="zstd")
+
+OnShard = Callable[[str, int, str], None]       # (subset, index, rows digest) of a shard just planned
+
+
+class _ShardCutter:
+    """Buffers one shard's rows; at each cut writes them to ``_plan/<shard>.parquet`` and reports the shard."""
+
+    def __init__(self, dst: Storage, subset: str, opts: ShardingOptions, on_shard: OnShard):
+        self.dst, self.subset, self.opts, self.on_shard = dst, subset, opts, on_shard
         self.shard_sizes: list[int] = []
+        self.digests: list[str] = []
         self._rows: list[tuple] = []
         self._batches: list[pa.RecordBatch] = []
         self._count = 0
@@ -82,15 +93,18 @@ class _ShardCutter:
     def _cut(self) -> None:
         self._flush_rows()
         table = pa.Table.from_batches(self._batches, schema=PLAN_SCHEMA)
-        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        index, digest = len(self.shard_sizes), rows_digest(table)
+        self.dst.write_table(shard_rows_path(shard_name(self.subset, index)), table)
         self.shard_sizes.append(table.num_rows)
+        self.digests.append(digest)
         self._batches, self._count, self._bytes = [], 0, 0
+        self.on_shard(self.subset, index, digest)
 
-    def close(self) -> list[int]:
+    def close(self) -> tuple[list[int], list[str]]:
+        """Cut the last shard; returns the row count and the digest of every shard."""
         if self._count:
             self._cut()
-        self._writer.close()
-        return self.shard_sizes
+        return self.shard_sizes, self.digests
 
 
 def _bags(src: Storage) -> tuple[list[Bag], str]:
@@ -99,40 +113,56 @@ def _bags(src: Storage) -> tuple[list[Bag], str]:
     return consecutive_bags(train_folders(src)), "consecutive-folder rule"
 
 
-def _write_table(dst: Storage, rel: str, table: pa.Table) -> None:
-    with dst.open_atomic(rel) as f:
-        pq.write_table(table, f, compression="zstd")
+
+def shard_rows_path(shard: str) -> str:
+    return f"{PLAN_DIR}/{shard}.parquet"
+
+
+def run_record(src_url: str, settings: dict) -> dict:
+    """What ``_plan/run.json`` and ``plan.json`` record about the run, compared on resume."""
+    return {"version": PLAN_VERSION, "source": src_url, "settings": settings}
+
+
+def start_plan(dst: Storage, src_url: str, settings: dict) -> None:
+    """Record the run's source and settings before the first shard is planned (and maybe packed)."""
+    dst.write_atomic(f"{PLAN_DIR}/run.json", json.dumps(run_record(src_url, settings), indent=1).encode())
+
+
+def load_run(dst: Storage) -> dict | None:
+    """The run record of a plan that was started (complete or not) under DST, or None."""
+    rel = f"{PLAN_DIR}/run.json"
+    return json.loads(dst.read_text(rel)) if dst.exists(rel) else None
 
 
 def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: ShardingOptions, settings: dict,
-              on_item: Callable[[], None] = lambda: None) -> dict:
-    """Walk SRC and write the plan under DST; returns the content of ``plan.json``."""
+              on_item: Callable[[], None] = lambda: None, on_shard: OnShard = lambda *_: None) -> dict:
+    """Walk SRC and write the plan under DST, calling ``on_shard`` as each shard's rows are written;
+    returns the content of ``plan.json``."""
     rejects: list[LayoutReject] = []
     reports: dict[str, SubsetReport] = {}
-    shards: dict[str, list[int]] = {}
+    shards: dict[str, tuple[list[int], list[str]]] = {}
     for subset in subsets:
         reports[subset] = SubsetReport()
-        with dst.open_atomic(f"{PLAN_DIR}/{subset}.parquet") as f:
-            cutter = _ShardCutter(f, opts)
-            for item in walk_subset(src, subset, reports[subset]):
-                on_item()
-                if isinstance(item, LayoutReject):
-                    rejects.append(item)
-                else:
-                    cutter.add(item)
-            shards[subset] = cutter.close()
+        cutter = _ShardCutter(dst, subset, opts, on_shard)
+        for item in walk_subset(src, subset, reports[subset]):
+            on_item()
+            if isinstance(item, LayoutReject):
+                rejects.append(item)
+            else:
+                cutter.add(item)
+        shards[subset] = cutter.close()
     reject_schema = manifests.schema("rejects")
-    _write_table(dst, f"{PLAN_DIR}/rejects.parquet", pa.Table.from_pylist(
+    dst.write_table(f"{PLAN_DIR}/rejects.parquet", pa.Table.from_pylist(
         [{f: getattr(r, f) for f in reject_schema.names} for r in rejects], schema=reject_schema))
     bags, bag_source = _bags(src) if "train" in subsets else ([], "none")
     bag_schema = manifests.schema("bags").remove(manifests.schema("bags").get_field_index("images"))
-    _write_table(dst, f"{PLAN_DIR}/bags.parquet", pa.Table.from_pylist(
+    dst.write_table(f"{PLAN_DIR}/bags.parquet", pa.Table.from_pylist(
         [{"bag_id": b.bag_id, "label": list(b.label), "folders": list(b.folders)} for b in bags],
         schema=bag_schema))
     plan = {
-        "version": PLAN_VERSION, "source": src.url, "settings": settings,
-        "subsets": {s: {"shards": len(shards[s]), "images": sum(shards[s]), "shard_sizes": shards[s]}
-                    for s in subsets},
+        **run_record(src.url, settings),
+        "subsets": {s: {"shards": len(sizes), "images": sum(sizes), "shard_sizes": sizes, "shard_digests": digests}
+                    for s, (sizes, digests) in shards.items()},
         "layout": {s: dataclasses.asdict(r) for s, r in reports.items()},
         "layout_rejects": len(rejects), "bags": len(bags), "bag_source": bag_source,
     }
@@ -146,7 +176,13 @@ def load_plan(dst: Storage) -> dict | None:
     return json.loads(dst.read_text(rel)) if dst.exists(rel) else None
 
 
-def read_shard_rows(dst: Storage, subset: str, index: int) -> pa.Table:
-    """The planned rows of shard ``index`` of ``subset``."""
-    return dst.read_row_group(f"{PLAN_DIR}/{subset}.parquet", index)
+def planned_shards(plan: dict) -> list[tuple[str, int, str]]:
+    """(subset, index, rows digest) of every shard of a complete plan, in packing order."""
+    return [(subset, i, digest) for subset, info in plan["subsets"].items()
+            for i, digest in enumerate(info["shard_digests"])]
+
+
+def read_shard_rows(dst: Storage, shard: str) -> pa.Table:
+    """The planned rows of ``shard``."""
+    return dst.read_table(shard_rows_path(shard))
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from . import manifests
 from .packer import PARTS_DIR, ShardStats
-from .plan import PLAN_DIR, shard_name
+from .plan import PLAN_DIR
 from .storage import Storage
 
 SUMMARY = "manifests/summary.json"
@@ -52,14 +52,12 @@ def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:
         rejects.close()
     shards = pa.Table.from_pylist([{f: getattr(s, f) for f in manifests.schema("shards").names} for s in stats],
                                   schema=manifests.schema("shards"))
-    with dst.open_atomic(manifests.relpath("shards")) as f:
-        pq.write_table(shards, f, compression="zstd")
+    dst.write_table(manifests.relpath("shards"), shards)
     bags = _read(dst, f"{PLAN_DIR}/bags.parquet")
     bag_images = [sum(folder_counts.get(int(f), 0) for f in set(folders) if f.isdigit())
                   for folders in bags["folders"].to_pylist()]
     bags = bags.append_column("images", pa.array(bag_images, pa.int64())).cast(manifests.schema("bags"))
-    with dst.open_atomic(manifests.relpath("bags")) as f:
-        pq.write_table(bags, f, compression="zstd")
+    dst.write_table(manifests.relpath("bags"), bags)
     summary = {
         "version": SUMMARY_VERSION, "source": plan["source"], "settings": plan["settings"],
         "subsets": {subset: {
@@ -81,8 +79,3 @@ def load_summary(dst: Storage) -> dict | None:
     """The summary of a complete DST, or None."""
     return json.loads(dst.read_text(SUMMARY)) if dst.exists(SUMMARY) else None
 
-
-def planned_shards(plan: dict) -> list[tuple[str, int, str]]:
-    """(subset, index, name) of every planned shard, in packing order."""
-    return [(subset, i, shard_name(subset, i)) for subset, info in plan["subsets"].items()
-            for i in range(info["shards"])]

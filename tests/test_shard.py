@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,36 @@ def test_resume_after_sigkill_is_byte_identical(tiny_tree, tmp_path):
     assert result.returncode == 0, result.stderr
     assert tree_digest(dst) == tree_digest(reference)
     assert not [p for p in dst.rglob("*") if ".tmp-" in p.name]
+
+
+def test_an_interrupted_plan_keeps_only_the_shards_it_plans_again(tree_copy, tmp_path):
+    dst = tmp_path / "dst"
+    run_shard(str(tree_copy), str(dst), SMALL, workers=2, show_progress=False)
+    # as a run killed while planning leaves it: shards packed, no complete plan, no manifests
+    (dst / "_plan/plan.json").unlink()
+    shutil.rmtree(dst / "manifests")
+    first = sorted((tree_copy / "sysu_train_set_all/0000000001").iterdir())[0]
+    first.write_bytes(f.rgb_jpeg(40, 80, seed=5))          # the source changed meanwhile (another size)
+    inodes = {p.name: p.stat().st_ino for p in (dst / "shards").glob("*.tar")}
+    run_shard(str(tree_copy), str(dst), SMALL, workers=2, show_progress=False)
+    repacked = {name for name, ino in inodes.items() if (dst / "shards" / name).stat().st_ino != ino}
+    assert repacked == {"train-000000.tar"}
+    fresh = tmp_path / "fresh"
+    run_shard(str(tree_copy), str(fresh), SMALL, show_progress=False)
+    assert tree_digest(dst) == tree_digest(fresh)
+
+
+def test_a_plan_of_an_older_version_is_refused(packed, tmp_path):
+    from sysu30k.errors import UserError
+
+    src, dst, _ = packed
+    old = tmp_path / "old"
+    shutil.copytree(dst, old)
+    shutil.rmtree(old / "manifests")
+    plan = json.loads((old / "_plan/plan.json").read_text())
+    (old / "_plan/plan.json").write_text(json.dumps({**plan, "version": 1}))
+    with pytest.raises(UserError, match="--overwrite"):
+        run_shard(str(src), str(old), SMALL, show_progress=False)
 
 
 def test_overwrite_starts_over(packed, tmp_path):

@@ -1,5 +1,6 @@
 """The shard writer produces exactly what the standard library's tarfile writes, and a correct index."""
 
+import hashlib
 import io
 import os
 import tarfile
@@ -19,14 +20,16 @@ def reference_tar(members: list[tuple[str, bytes]]) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("sizes", [[], [0], [1, 511, 512, 513], [3000, 10240, 77, 9999, 123456]])
+@pytest.mark.parametrize("sizes", [[], [0], [1, 511, 512, 513], [3000, 10240, 77, 9999, 123456],
+                                   [3000, 123456] * 6])           # the last spans several write blocks
 def test_byte_identical_to_tarfile(sizes):
     members = [(f"{'k' * (i % 60 + 1)}_{i}", os.urandom(n)) for i, n in enumerate(sizes)]
     buf = io.BytesIO()
-    writer = ShardWriter(buf)
+    writer = ShardWriter(buf, block=200_000)
     offsets = [writer.add(k, d) for k, d in members]
-    total, _ = writer.close()
+    total, digest = writer.close()
     assert buf.getvalue() == reference_tar(members) and total == len(buf.getvalue())
+    assert digest == hashlib.sha256(buf.getvalue()).hexdigest()
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
         assert [m.offset_data for m in tf.getmembers()] == offsets
     assert writer.dali_index().splitlines()[0] == f"v1.2 {len(members)}"
