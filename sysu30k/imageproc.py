@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -29,9 +30,8 @@ class Rejected(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """The bytes to pack and the size of the image they hold."""
+class Prepared(NamedTuple):
+    """The bytes to pack and the size of the image they hold (a named tuple: one per packed image)."""
 
     data: bytes
     width: int

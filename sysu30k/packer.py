@@ -113,6 +113,7 @@ def pack_shard(task: ShardTask) -> ShardStats:
     keys, paths = plan["key"].to_pylist(), plan["path"].to_pylist()
     kept: list[int] = []
     packed: dict[str, list] = {"offset": [], "size": [], "width": [], "height": [], "sha256": []}
+    offsets, sizes, widths, heights, hashes = packed.values()
     rejects: list[dict] = []
     with dst.open_atomic(f"{SHARD_DIR}/{name}.tar") as f:
         writer = ShardWriter(f)
@@ -125,11 +126,11 @@ def pack_shard(task: ShardTask) -> ShardStats:
                 rejects.append({"path": paths[i], "subset": task.subset, "reason": rej.reason, "detail": rej.detail})
                 continue
             kept.append(i)
-            packed["offset"].append(writer.add(keys[i], out.data))
-            packed["size"].append(len(out.data))
-            packed["width"].append(out.width)
-            packed["height"].append(out.height)
-            packed["sha256"].append(hashlib.sha256(out.data).hexdigest())
+            offsets.append(writer.add(keys[i], out.data))
+            sizes.append(len(out.data))
+            widths.append(out.width)
+            heights.append(out.height)
+            hashes.append(hashlib.sha256(out.data).hexdigest())
         size, digest = writer.close()
     dst.write_atomic(f"{SHARD_DIR}/{name}.idx", writer.dali_index().encode())
     rows = plan.take(pa.array(kept, pa.int64()))
