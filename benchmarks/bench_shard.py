@@ -26,7 +26,7 @@ the planning and publishing shares are timed separately by wrapping ``sysu30k.sh
 ``sysu30k.shard.publish``. The page cache is warm: the parent reads every file of a tree once (untimed)
 before its group, and DST deletion plus ``os.sync()`` between runs is not timed.
 
-Usage: python benchmarks/bench_shard.py [--reps 3] [--out bench-out/shard] [--images 20000]
+Usage: python benchmarks/bench_shard.py [--reps 3] [--out bench-out/shard] [--images 20000] [--configs a,b]
 """
 
 from __future__ import annotations
@@ -280,6 +280,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="bench-out/shard")
     ap.add_argument("--groups", default="pass,resize", help="comma-separated: pass, resize")
+    ap.add_argument("--configs", default="", help="comma-separated subset of the groups' configurations (default all)")
     ap.add_argument("--synth-workers", type=int, default=2)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -297,6 +298,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for group in groups:
         height, configs = {"pass": (144, PASS_CONFIGS), "resize": (288, RESIZE_CONFIGS)}[group]
+        if args.configs:
+            configs = [c for c in configs if c in args.configs.split(",")]
         tree = ensure_tree(args, height)
         n, size = warm_cache(tree)
         info["trees"][group] = {"path": str(tree), "files": n, "bytes": size, "height": height}

@@ -113,7 +113,6 @@ def _bags(src: Storage) -> tuple[list[Bag], str]:
     return consecutive_bags(train_folders(src)), "consecutive-folder rule"
 
 
-
 def shard_rows_path(shard: str) -> str:
     return f"{PLAN_DIR}/{shard}.parquet"
 

@@ -77,8 +77,12 @@ class Runner:
             for future in self._completed(self._pending):
                 yield future.result()
         finally:
-            for future in self._pending:
-                future.cancel()
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Drop every task not started yet (after an error, nothing waits for them)."""
+        for future in self._pending:
+            future.cancel()
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,13 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
         except (OSError, TimeoutError) as exc:
             raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         run = uuid.uuid4().hex[:8]
-        with client:
-            yield Runner(lambda t: client.submit(pack_shard, t, key=f"sysu30k-pack-{shard_name(t.subset, t.index)}-{run}",
-                                                 retries=2), dask_completed)
+
+        def on_dask(task: ShardTask) -> Any:
+            key = f"sysu30k-pack-{shard_name(task.subset, task.index)}-{run}"
+            return client.submit(pack_shard, task, key=key, retries=2)
+
+        with client, _cancelling(Runner(on_dask, dask_completed)) as runner:
+            yield runner
         return
     if workers <= 1:
         yield Runner(_Deferred, iter)
@@ -126,7 +134,18 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
     pa.array([0])
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker) as pool:
         pool.submit(int)                  # starts the workers now, before planning
-        yield Runner(lambda t: pool.submit(pack_shard, t), as_completed)
+        with _cancelling(Runner(lambda t: pool.submit(pack_shard, t), as_completed)) as runner:
+            yield runner
+
+
+@contextlib.contextmanager
+def _cancelling(runner: Runner) -> Iterator[Runner]:
+    """``runner``, whose tasks not started yet are dropped if the block fails (planning raised, Ctrl-C)."""
+    try:
+        yield runner
+    except BaseException:
+        runner.cancel()
+        raise
 
 
 def _options_for(url: str, options: dict) -> dict:
