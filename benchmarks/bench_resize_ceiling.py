@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""How fast can ``--resize 144`` be on one core? The per-image floor of the work Pillow must do in C.
+
+In one process, on the same 288-high JPEGs held in memory, interleaved rep by rep (medians):
+
+  baseline   what the shard benchmark's Pillow loop does per image: Image.open(...).convert("RGB"),
+             BICUBIC resize to long side 144, save JPEG q95 (no file reading, no tar writing)
+  ours       sysu30k.imageproc.prepare(data, ImageOptions(resize=144)): what a packing worker does
+  floor      only the C work ours cannot avoid: a draft (1/2-scale DCT) decode and a q95 encode,
+             with the least Python around them
+
+baseline / floor is the most a single core can gain; times the cores, it bounds the shard benchmark's
+resize ratio from above even before planning, file reading, tar writing and hashing are counted.
+
+Usage: python benchmarks/bench_resize_ceiling.py [--tree bench-out/shard/synth-h288] [--images 2000] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from common import machine  # noqa: E402  (benchmarks/common.py)
+from sysu30k.imageproc import ImageOptions, prepare
+from sysu30k.tuning import tune_malloc
+
+
+def baseline(datas: list[bytes]) -> None:
+    for d in datas:
+        im = Image.open(io.BytesIO(d)).convert("RGB")
+        w, h = im.size
+        scale = 144 / max(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        im.save(io.BytesIO(), "JPEG", quality=95)
+
+
+def ours(datas: list[bytes]) -> None:
+    opts = ImageOptions(resize=144)
+    for d in datas:
+        prepare(d, opts)
+
+
+def floor(datas: list[bytes]) -> None:
+    for d in datas:
+        im = Image.open(io.BytesIO(d))
+        w, h = im.size
+        scale = 144 / max(w, h)
+        im.draft("RGB", (round(w * scale), round(h * scale)))
+        im.load()
+        im.save(io.BytesIO(), "JPEG", quality=95)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", default="bench-out/shard/synth-h288")
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    tune_malloc()
+    paths = sorted(Path(args.tree, "sysu_train_set_all").rglob("*.jpg"))[:args.images]
+    if not paths:
+        raise SystemExit(f"no JPEGs under {args.tree}/sysu_train_set_all (run bench_shard.py first)")
+    datas = [p.read_bytes() for p in paths]
+    sizes = {Image.open(io.BytesIO(d)).size for d in datas}
+    runs: dict[str, list[float]] = {"baseline": [], "ours": [], "floor": []}
+    for _ in range(args.reps):
+        for name, fn in (("baseline", baseline), ("ours", ours), ("floor", floor)):
+            t0 = time.perf_counter()
+            fn(datas)
+            runs[name].append((time.perf_counter() - t0) / len(datas) * 1e6)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"{len(datas)} JPEGs, sizes {sorted(sizes)[:3]}, {args.reps} interleaved reps, median µs per image:")
+    for k in runs:
+        print(f"  {k:<9}{med[k]:8.1f}   baseline/{k} = {med['baseline'] / med[k]:.2f}x")
+    out = Path("bench-out/bench_resize_ceiling.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "images": len(datas), "reps": args.reps,
+                               "us_per_image": runs, "median": med}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
