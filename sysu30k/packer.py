@@ -55,7 +55,7 @@ class ShardStats:
     rejects: int
     bytes: int
     sha256: str
-    plan_sha256: str = ""     # digest of the planned rows it packed (plan.rows_digest)
+    plan_sha256: str          # digest of the planned rows it packed (plan.rows_digest)
 
 
 def marker_path(shard: str) -> str:
@@ -74,15 +74,14 @@ def is_complete(dst: Storage, shard: str, plan_sha256: str) -> ShardStats | None
     return stats
 
 
-
 def start_worker() -> None:
     """Set up a local packing process (tuned malloc) before its first task."""
     tune_malloc()
 
 
 def _with_sources(src: Storage, paths: list[str]) -> Iterator[bytes | Exception]:
-    """The bytes of each source path (or the exception reading it ended with), read in batches one
-    batch ahead of the caller."""
+    """The bytes of each source path (or the exception reading it ended with): local files read here,
+    one by one; objects fetched in batches, one batch ahead of the caller."""
     if src.local:      # a reading thread would only trade the GIL back and forth with this one
         for path in paths:
             try:
@@ -140,7 +139,7 @@ def pack_shard(task: ShardTask) -> ShardStats:
                        **{k: pa.array(v) for k, v in packed.items()}})
     dst.write_table(f"{PARTS_DIR}/{name}.images.parquet", images.cast(manifests.schema("images")))
     dst.write_table(f"{PARTS_DIR}/{name}.rejects.parquet",
-                 pa.Table.from_pylist(rejects, schema=manifests.schema("rejects")))
+                    pa.Table.from_pylist(rejects, schema=manifests.schema("rejects")))
     stats = ShardStats(name, task.subset, len(images), len(rejects), size, digest, rows_digest(plan))
     dst.write_atomic(marker_path(name), json.dumps(asdict(stats)).encode())
     return stats
