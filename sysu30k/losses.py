@@ -126,14 +126,15 @@ def method_loss(method: str, out: dict[str, torch.Tensor], bag_labels: torch.Ten
     ``warm``: a warm-up step, whose pseudo-labels are the images' own folders (every other term unchanged).
     """
     logits, classes = out["logits"], bag_classes(bag_labels)
+    own = folder - 1                                   # each image's own folder, as a class
     if targets is not None or method == "folder":
-        labels = targets if targets is not None else folder - 1
+        labels = targets if targets is not None else own
         terms = {"unary": unary_loss(logits, labels, valid)}
     elif method == "unary":
-        pseudo = folder - 1 if warm else pseudo_labels_balanced(logits, classes, bag)
+        pseudo = own if warm else pseudo_labels_balanced(logits, classes, bag)
         terms = {"unary": unary_loss(logits, pseudo, valid)}
     elif method == "dgl":
-        pseudo = folder - 1 if warm else pseudo_labels_argmax(logits, classes)
+        pseudo = own if warm else pseudo_labels_argmax(logits, classes)
         terms = {"unary": unary_loss(logits, pseudo, valid),
                  "pairwise": pairwise_loss(logits, out["appearance"], pseudo, valid, w.sigma),
                  "triplet": weak_triplet_loss(out["feat"], classes, valid, w.margin)}

@@ -82,14 +82,11 @@ def start_worker() -> None:
 def _with_sources(src: Storage, paths: list[str]) -> Iterator[bytes | Exception]:
     """The bytes of each source path (or the exception reading it ended with): local files read here,
     one by one; objects fetched in batches, one batch ahead of the caller."""
-    if src.local:      # a reading thread would only trade the GIL back and forth with this one
-        for path in paths:
-            try:
-                yield src.read(path)
-            except OSError as exc:
-                yield exc
-        return
     chunks = [paths[i:i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
+    if src.local:      # a reading thread would only trade the GIL back and forth with this one
+        for chunk in chunks:
+            yield from src.read_many(chunk)
+        return
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(src.read_many, chunks[0]) if chunks else None
         for i in range(len(chunks)):
