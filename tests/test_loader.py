@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sysu30k.loader import BagSpec, EvalLoader, LoaderOptions, TrainLoader, TransformSpec
+from sysu30k.loader import loader as loader_module
 from sysu30k.loader.catalog import ShardEntries, assign_streams
 from sysu30k.loader.sampler import batches_for, plan_epoch
 from sysu30k.loader.transforms import draw_params
@@ -225,6 +226,18 @@ def test_worker_normalisation_equals_device_normalisation(packed):
     assert torch.allclose(on_device, as_float.to("cpu", torch.float32).images, atol=1e-5)
     assert abs(float(on_device.mean())) < 1.5 and 0.3 < float(on_device.std()) < 2
     assert as_uint8.to("cpu", torch.bfloat16).images.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["uint8", "float32"])
+def test_batches_kept_without_copying_are_never_overwritten(packed, normalize):
+    """Workers reuse shared batch buffers: a batch the consumer still holds must keep its pixels."""
+    make = lambda: TrainLoader(str(packed), BagSpec(bags=2, per_bag=5), SMALL,
+                               LoaderOptions(normalize=normalize, workers=2, seed=4))
+    dropped = [b.images.clone() for b in make()]      # each batch freed at once: its slot is reused
+    kept = list(make())                               # every batch held: later ones get fresh memory
+    assert len(kept) > 2 * (loader_module.PREFETCH + 2)   # more batches than slots: reuse happened
+    assert all(torch.equal(k.images, d) for k, d in zip(kept, dropped))
+    assert len({float(d.float().sum()) for d in dropped}) == len(dropped)   # and the batches differ
 
 
 def test_folders_held_out_by_split_are_excluded_by_default(packed, tmp_path):

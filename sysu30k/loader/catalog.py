@@ -18,7 +18,7 @@ from .. import manifests
 from ..errors import UserError
 from ..storage import Storage
 
-COLUMNS = ["key", "shard", "offset", "size", "sha256", "folder", "pid", "camid", "distractor"]
+COLUMNS = ["key", "shard", "offset", "size", "sha256", "folder", "pid", "camid", "distractor", "width", "height"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class ShardEntries:
     folder: np.ndarray          # int32 folder id (training) or -1
     pid: np.ndarray             # int32 identity (test) or -1
     camid: np.ndarray           # int8 camera (test) or -1
+    width: np.ndarray | None = None     # int32 packed size in pixels (None: unknown, decoders read the header)
+    height: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.key)
@@ -65,9 +67,11 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
     key, sha = table["key"].to_pylist(), table["sha256"].to_pylist()
     offset, size = table["offset"].to_numpy(), table["size"].to_numpy()
     folder, pid, camid = _fill(table["folder"], -1), _fill(table["pid"], -1), _fill(table["camid"], -1)
+    width, height = table["width"].to_numpy(), table["height"].to_numpy()
     for a, b in zip(starts, ends):
         out.append(ShardEntries(str(shard_col[a]), key[a:b], offset[a:b], size[a:b], sha[a:b],
-                                folder[a:b].astype(np.int32), pid[a:b].astype(np.int32), camid[a:b].astype(np.int8)))
+                                folder[a:b].astype(np.int32), pid[a:b].astype(np.int32), camid[a:b].astype(np.int8),
+                                width[a:b], height[a:b]))
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import decode_pil
-from .transforms import MEAN_U8, AugParams, TransformSpec, apply_numpy
+from .transforms import MEAN_U8, AugParams, TransformSpec, place
 
 _PLACEHOLDER = None
 
@@ -87,7 +87,7 @@ class DaliDecoder:
         for i, data in enumerate(datas):
             try:
                 if data is not None:
-                    images[i] = apply_numpy(decode_pil.decode(data, self.spec), i, params, self.spec)
+                    place(images[i], decode_pil.decode(data, self.spec), i, params, self.spec)
             except Exception:  # skipped and reported, never fatal
                 failed.append(keys[i])
         return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2), failed

@@ -16,14 +16,23 @@ from PIL import Image
 from .transforms import TransformSpec
 
 
-def decode(data: bytes, spec: TransformSpec) -> np.ndarray:
-    """Decode ``data`` and resize it to spec.height × spec.width (bilinear for training, bicubic for eval)."""
-    im = Image.open(io.BytesIO(data))
-    if im.format == "JPEG" and im.size[0] >= 2 * spec.width and im.size[1] >= 2 * spec.height:
-        im.draft("RGB", (spec.width, spec.height))
-    if im.mode != "RGB":
-        im = im.convert("RGB")
+def decode(data: bytes, spec: TransformSpec, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode ``data`` and resize it to spec.height × spec.width (bilinear for training, bicubic for eval).
+
+    ``size`` (width, height) is the packed size from the manifest, given only for bytes that passed their
+    manifest sha256: the JPEG decoder then starts at once instead of after ``Image.open`` parses the
+    headers in Python (about a fifth of the time of a small image). Images to be shrunk by 2× or more
+    take ``Image.open`` and draft mode instead."""
+    target = (spec.width, spec.height)
+    if size is not None and not (size[0] >= 2 * spec.width and size[1] >= 2 * spec.height):
+        im = Image.frombytes("RGB", size, data, "jpeg", "RGB", "")
+    else:
+        im = Image.open(io.BytesIO(data), formats=("JPEG",))
+        if im.size[0] >= 2 * spec.width and im.size[1] >= 2 * spec.height:
+            im.draft("RGB", target)
+        if im.mode != "RGB":
+            im = im.convert("RGB")
     resample = Image.Resampling.BILINEAR if spec.train else Image.Resampling.BICUBIC
-    if im.size != (spec.width, spec.height):
-        im = im.resize((spec.width, spec.height), resample)
+    if im.size != target:
+        im = im.resize(target, resample)
     return np.asarray(im)

@@ -4,7 +4,9 @@
 a test or validation subset in order. Both read whole shards per stream (one stream per DDP rank ×
 DataLoader worker), decode with Pillow-SIMD in the workers or with DALI (GPU ``mixed`` decoding when
 CUDA is present, the same graph on the CPU otherwise), and hand out :class:`Batch` objects whose images
-are uint8 NCHW until ``Batch.to`` moves and normalises them on the training device.
+are uint8 NCHW until ``Batch.to`` moves and normalises them on the training device (for training on the
+CPU, Pillow workers hand out normalised float32 already). Pillow workers write batches into reused
+shared-memory slots (:mod:`.slots`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from .catalog import ShardEntries, assign_streams, load_catalog
 from .groups import GroupSpec, group_batches, plan_group_epoch
 from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
-from .transforms import MEAN, STD, AugParams, TransformSpec, apply_numpy, draw_params, normalize_nhwc
+from .slots import SlotPool
+from .transforms import AugParams, TransformSpec, draw_params, normalize_, place
 
 log = logging.getLogger("sysu30k")
 DECODERS = ("auto", "pil", "dali")
+PREFETCH = 2          # batches each DataLoader worker keeps ready
 
 
 @dataclass
@@ -53,10 +57,7 @@ class Batch:
             x = x.to(device, non_blocking=True)
             if x.dtype != torch.uint8 or dtype == torch.uint8:
                 return x.to(dtype)
-            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            for c in range(3):
-                out[:, c].copy_(x[:, c]).mul_(1 / (255 * STD[c])).sub_(MEAN[c] / STD[c])
-            return out.to(dtype)
+            return normalize_(torch.empty(x.shape, dtype=torch.float32, device=x.device), x).to(dtype)
 
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                  for k, v in self.__dict__.items() if k not in ("images", "flipped")}
@@ -104,6 +105,12 @@ def _to_nchw(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.dtype == torch.uint8 else images
 
 
+def _pool(workers: int, batch_size: int, spec: TransformSpec, normalize: bool) -> SlotPool:
+    """Slots for a worker's batches in flight, the one the consumer holds and the one it is dropping."""
+    shape = (batch_size, 3, spec.height, spec.width) if normalize else (batch_size, spec.height, spec.width, 3)
+    return SlotPool(max(1, workers), PREFETCH + 2, shape, torch.float32 if normalize else torch.uint8)
+
+
 def _as_is(batch: dict) -> dict:
     """DataLoader collate: batches are whole already (image tensors travel through shared memory)."""
     return batch
@@ -119,6 +126,7 @@ class _Materializer:
         self.catalog, self.spec, self.raw, self.sequential = catalog, spec, raw, sequential
         self.position = {c: i for i, c in enumerate(order)}
         self.reader = ShardReader(Storage(dst_url, options), [catalog[c].shard for c in order], prefetch, cache_dir)
+        self.scratch = np.empty((spec.height, spec.width, 3), np.uint8)
 
     def payloads(self, shard: np.ndarray, row: np.ndarray) -> list[bytes | None]:
         out = []
@@ -133,30 +141,59 @@ class _Materializer:
             self.reader.release_before(first)
         return out
 
-    def decode(self, datas: list[bytes | None], params: AugParams, keys: list[str]) -> tuple[np.ndarray, list[str]]:
-        images = np.zeros((len(datas), self.spec.height, self.spec.width, 3), np.uint8)
+    def sizes(self, shard: np.ndarray, row: np.ndarray) -> list[tuple[int, int] | None]:
+        """The packed (width, height) of each image as the manifest records it, for images whose bytes
+        ``payloads`` checks against a sha256 (None otherwise: the decoder reads the header)."""
+        out = []
+        for s, r in zip(shard.tolist(), row.tolist()):
+            e = self.catalog[s] if s in self.position else None
+            known = e is not None and e.width is not None and e.sha256[r] is not None
+            out.append((int(e.width[r]), int(e.height[r])) if known else None)
+        return out
+
+    def decode_into(self, out: torch.Tensor, datas: list[bytes | None], sizes: list[tuple[int, int] | None],
+                    params: AugParams, keys: list[str]) -> list[str]:
+        """Decode and augment each image into ``out`` (uint8 [N,H,W,3], or float32 [N,3,H,W] normalised
+        image by image while it is in cache); slots without an image are black. Returns the damaged keys."""
+        as_uint8 = out.dtype == torch.uint8
+        arrays = out.numpy() if as_uint8 else None
         damaged = []
         for i, data in enumerate(datas):
-            if data is None:
-                continue
+            dst = arrays[i] if as_uint8 else self.scratch
             try:
-                images[i] = apply_numpy(decode_pil.decode(data, self.spec), i, params, self.spec)
+                if data is None:
+                    dst.fill(0)
+                else:
+                    place(dst, decode_pil.decode(data, self.spec, sizes[i]), i, params, self.spec)
             except Exception:  # a member that no longer decodes: skipped and reported, never fatal
                 damaged.append(keys[i])
-        return images, damaged
+                dst.fill(0)
+            if not as_uint8:
+                normalize_(out[i], torch.from_numpy(dst).permute(2, 0, 1))
+        return damaged
+
+    def batch_buffer(self, pool: SlotPool | None, worker: int, n: int,
+                     normalize: bool) -> tuple[torch.Tensor, int | None]:
+        """Where a batch of ``n`` is decoded: a free slot of ``pool`` (with its number), else fresh memory."""
+        slot = pool.acquire(worker) if pool is not None and pool.buffers.shape[1] == n else None
+        if slot is not None:
+            return pool.buffers[slot], slot
+        h, w = self.spec.height, self.spec.width
+        return (torch.empty((n, 3, h, w)) if normalize else torch.empty((n, h, w, 3), dtype=torch.uint8)), None
 
 
 class _TrainStreams(torch.utils.data.IterableDataset):
     """The streams of one rank; each DataLoader worker iterates its own stream."""
 
-    def __init__(self, loader: "TrainLoader", epoch: int, skips: list[int], rotate: int):
-        self.l, self.epoch, self.skips, self.rotate = loader, epoch, skips, rotate
+    def __init__(self, loader: "TrainLoader", epoch: int, skips: list[int], rotate: int, pool: SlotPool | None):
+        self.l, self.epoch, self.skips, self.rotate, self.pool = loader, epoch, skips, rotate, pool
 
     def __iter__(self) -> Iterator[dict]:
         tune_malloc()
         info = torch.utils.data.get_worker_info()
         l = self.l
-        w = ((info.id if info is not None else 0) + self.rotate) % l.n_workers
+        worker = info.id if info is not None else 0
+        w = (worker + self.rotate) % l.n_workers
         sid = l.options.rank * l.n_workers + w
         rng = np.random.default_rng([l.options.seed, self.epoch, sid])
         order, plans = l._stream(sid, self.epoch, rng)
@@ -167,11 +204,11 @@ class _TrainStreams(torch.utils.data.IterableDataset):
                 params = draw_params(len(plan.valid), l.transform, rng)
                 if b < self.skips[w]:
                     continue
-                yield self._batch(plan, params, mat)
+                yield self._batch(plan, params, mat, worker)
         finally:
             mat.reader.close()
 
-    def _batch(self, plan: BatchPlan, params: AugParams, mat: _Materializer) -> dict:
+    def _batch(self, plan: BatchPlan, params: AugParams, mat: _Materializer, worker: int) -> dict:
         cat = self.l.catalog
         keys = [cat[s].key[r] for s, r in zip(plan.shard.tolist(), plan.row.tolist())]
         datas = mat.payloads(plan.shard, plan.row) if plan.valid.any() else [None] * len(keys)
@@ -188,8 +225,9 @@ class _TrainStreams(torch.utils.data.IterableDataset):
         if mat.raw:
             out["datas"] = datas
         else:
-            images, damaged = mat.decode(datas, params, keys)
-            out["images"] = torch.from_numpy(normalize_nhwc(images) if self.l.normalize else images)
+            images, slot = mat.batch_buffer(self.pool, worker, len(keys), self.l.normalize)
+            damaged = mat.decode_into(images, datas, mat.sizes(plan.shard, plan.row), params, keys)
+            out.update(slot=slot, images=images if slot is None else None)
             bad |= set(damaged)
             out["valid"] = valid & np.array([k not in damaged for k in keys])
         out["damaged"] = sorted(bad)
@@ -263,14 +301,15 @@ class TrainLoader:
         return skips, w
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _TrainStreams(self, self.epoch, *self._worker_skips())
+        pool = None if self.raw else _pool(self.options.workers, self.batch_size, self.transform, self.normalize)
+        dataset = _TrainStreams(self, self.epoch, *self._worker_skips(), pool)
         workers = self.options.workers
         data = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                           prefetch_factor=4 if workers else None, persistent_workers=False)
+                                           prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
         if self.consumed == 0:
             self.damaged = []
         for raw in data:
-            batch = self._finish(raw)
+            batch = self._finish(raw, pool)
             self.consumed += 1
             self.damaged += batch.damaged
             yield batch
@@ -278,7 +317,7 @@ class TrainLoader:
             log.warning("epoch %d: skipped %d damaged image(s): %s", self.epoch, len(self.damaged),
                         ", ".join(self.damaged[:10]) + (" ..." if len(self.damaged) > 10 else ""))
 
-    def _finish(self, raw: dict) -> Batch:
+    def _finish(self, raw: dict, pool: SlotPool | None) -> Batch:
         if self.raw:
             from .decode_dali import DaliDecoder
 
@@ -288,7 +327,7 @@ class TrainLoader:
             raw["damaged"] = sorted(set(raw["damaged"]) | set(failed))
             raw["valid"] = raw["valid"] & np.array([k not in failed for k in raw["keys"]])
         else:
-            images = _to_nchw(raw["images"])
+            images = _to_nchw(pool.hand_out(raw["slot"]) if raw["slot"] is not None else raw["images"])
         return Batch(images=images, keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
                      folder=torch.from_numpy(raw["folder"]), bag=torch.from_numpy(raw["bag"]),
                      bag_labels=torch.from_numpy(raw["bag_labels"]), damaged=raw["damaged"])
@@ -346,10 +385,12 @@ class EvalLoader:
                    for s in self.streams)
 
     def __iter__(self) -> Iterator[Batch]:
-        data = torch.utils.data.DataLoader(_EvalStreams(self), batch_size=None, num_workers=self.options.workers,
-                                           collate_fn=_as_is, prefetch_factor=4 if self.options.workers else None)
+        pool = _pool(self.options.workers, self.batch_size, self.transform, normalize=False)
+        workers = self.options.workers
+        data = torch.utils.data.DataLoader(_EvalStreams(self, pool), batch_size=None, num_workers=workers,
+                                           collate_fn=_as_is, prefetch_factor=PREFETCH if workers else None)
         for raw in data:
-            images = raw["images"]
+            images = pool.hand_out(raw["slot"]) if raw["slot"] is not None else raw["images"]
             yield Batch(images=_to_nchw(images), keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
                         folder=torch.from_numpy(raw["folder"]), pid=torch.from_numpy(raw["pid"]),
                         camid=torch.from_numpy(raw["camid"]),
@@ -357,14 +398,15 @@ class EvalLoader:
 
 
 class _EvalStreams(torch.utils.data.IterableDataset):
-    def __init__(self, loader: EvalLoader):
-        self.l = loader
+    def __init__(self, loader: EvalLoader, pool: SlotPool):
+        self.l, self.pool = loader, pool
 
     def __iter__(self) -> Iterator[dict]:
         tune_malloc()
         info = torch.utils.data.get_worker_info()
         l = self.l
-        order = l.streams[info.id if info is not None else 0]
+        worker = info.id if info is not None else 0
+        order = l.streams[worker]
         mat = _Materializer(l.dst_url, l.options.storage_options, l.catalog, order, l.transform, False,
                             l.options.prefetch_shards, l.options.cache_dir)
         rows = [(s, r) for s in order for r in range(len(l.catalog[s]))]
@@ -375,10 +417,12 @@ class _EvalStreams(torch.utils.data.IterableDataset):
                 shard, row = chunk[:, 0], chunk[:, 1]
                 keys = [l.catalog[s].key[r] for s, r in zip(shard.tolist(), row.tolist())]
                 datas = mat.payloads(shard, row)
-                images, damaged = mat.decode(datas, params, keys)
+                images, slot = mat.batch_buffer(self.pool, worker, len(keys), normalize=False)
+                damaged = mat.decode_into(images, datas, mat.sizes(shard, row), params, keys)
                 bad = set(damaged) | {k for k, d in zip(keys, datas) if d is None}
                 pick = lambda col: np.array([getattr(l.catalog[s], col)[r] for s, r in zip(shard, row)], np.int64)
-                yield {"images": torch.from_numpy(images), "keys": keys, "valid": np.array([k not in bad for k in keys]),
+                yield {"slot": slot, "images": None if slot is not None else images, "keys": keys,
+                       "valid": np.array([k not in bad for k in keys]),
                        "folder": pick("folder"), "pid": pick("pid"), "camid": pick("camid"), "damaged": sorted(bad)}
         finally:
             mat.reader.close()

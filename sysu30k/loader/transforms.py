@@ -5,19 +5,21 @@ Training: resize to H×W, pad by ``pad`` (by default 10 px at width 128, scaled 
 H×W back at a random offset, horizontal flip, random erasing (area 2-40 %, aspect 0.3-3.3, filled with the
 ImageNet mean, i.e. 0 after normalisation).
 Evaluation: resize to H×W (bicubic, as the official evaluator), and optionally a flipped copy.
-Images leave the decoders as uint8; normalisation happens on the training device.
+Images leave the decoders as uint8; :func:`normalize_` turns them into ImageNet-normalised floats on the
+training device (or, for training on the CPU, in the Pillow workers).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 MEAN_U8 = tuple(round(m * 255) for m in MEAN)
-_LUT = np.stack([(np.arange(256, dtype=np.float32) / 255 - m) / sd for m, sd in zip(MEAN, STD)])   # [3, 256]
 
 
 @dataclass(frozen=True)
@@ -72,25 +74,34 @@ def draw_params(n: int, spec: TransformSpec, rng: np.random.Generator) -> AugPar
     return AugParams(crop[0], crop[1], flip, erase)
 
 
-def apply_numpy(img: np.ndarray, i: int, p: AugParams, spec: TransformSpec) -> np.ndarray:
-    """Pad-crop, flip and erase image ``i`` (H×W×3 uint8, already resized) in place of the decoders."""
-    if spec.pad and (p.crop_y[i] != spec.pad or p.crop_x[i] != spec.pad):
-        padded = np.zeros((spec.height + 2 * spec.pad, spec.width + 2 * spec.pad, 3), np.uint8)
-        padded[spec.pad:spec.pad + spec.height, spec.pad:spec.pad + spec.width] = img
-        img = padded[p.crop_y[i]:p.crop_y[i] + spec.height, p.crop_x[i]:p.crop_x[i] + spec.width]
+def place(dst: np.ndarray, img: np.ndarray, i: int, p: AugParams, spec: TransformSpec) -> None:
+    """Write image ``i`` (H×W×3 uint8, already resized) into ``dst`` pad-cropped, flipped and erased. The
+    crop is one copy at an offset (the uncovered border is the black padding); the flip is torch's (a
+    numpy copy with a negative stride over 3-byte pixels is ten times slower)."""
+    h, w, pad = spec.height, spec.width, spec.pad
+    dy, dx = pad - int(p.crop_y[i]), pad - int(p.crop_x[i])     # where the image's top-left corner lands
+    dst[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[max(-dy, 0):h - max(dy, 0),
+                                                                    max(-dx, 0):w - max(dx, 0)]
+    dst[:max(dy, 0)] = 0
+    dst[h + min(dy, 0):] = 0
+    dst[:, :max(dx, 0)] = 0
+    dst[:, w + min(dx, 0):] = 0
     if p.flip[i]:
-        img = img[:, ::-1]
-    y, x, h, w = p.erase[i]
-    if h:
-        img = np.array(img)
-        img[y:y + h, x:x + w] = MEAN_U8
-    return img
+        t = torch.from_numpy(dst)
+        t.copy_(t.flip(1))
+    y, x, eh, ew = p.erase[i]
+    if eh:
+        dst[y:y + eh, x:x + ew] = MEAN_U8
 
 
-def normalize_nhwc(images: np.ndarray) -> np.ndarray:
-    """uint8 [N,H,W,3] → ImageNet-normalised float32 [N,3,H,W] through a 3×256 lookup table (one gather
-    per value: much cheaper than float arithmetic broadcast over channels-last memory)."""
-    out = np.empty((images.shape[0], 3, *images.shape[1:3]), np.float32)
-    for c in range(3):
-        np.take(_LUT[c], images[..., c], out=out[:, c])
-    return out
+@functools.cache
+def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.tensor([1 / (255 * sd) for sd in STD], device=device).view(3, 1, 1)
+    bias = torch.tensor([-m / sd for m, sd in zip(MEAN, STD)], device=device).view(3, 1, 1)
+    return scale, bias
+
+
+def normalize_(out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] → ImageNet-normalised into float32 ``out`` of the same shape and device."""
+    scale, bias = _affine(out.device)
+    return out.copy_(images).mul_(scale).add_(bias)
