@@ -117,3 +117,17 @@ def test_marker_scan_takes_only_plain_rgb_jpegs():
 def test_exif_orientation_1_is_still_packed_unchanged():
     data = f.exif_rotated_jpeg(1)
     assert prepare(data, FULL).data == data
+
+
+@pytest.mark.parametrize("data", [
+    f.rgb_jpeg(144, 288),                                               # draft 1/2, no resize left
+    f.encode(f.pattern(100, 290, seed=2), quality=90, progressive=True),  # draft 1/2, then bicubic
+    f.encode(f.pattern(700, 1500, seed=4), quality=80, subsampling=0),    # draft 1/8, 4:4:4
+], ids=["baseline-2x", "progressive-odd", "444-8x"])
+def test_plain_jpegs_resize_to_the_same_bytes_as_through_image_open(data):
+    """The plain-JPEG fast path (no header parse in Python) decodes exactly as Image.open + draft + load."""
+    from sysu30k.imageproc import _convert, _open, plain_jpeg_size
+
+    opts = ImageOptions(resize=144)
+    target = target_size(*plain_jpeg_size(data), 144)
+    assert prepare(data, opts) == _convert(_open(data, opts.max_pixels), 1, target, opts)
