@@ -7,6 +7,7 @@ once per iteration; it writes a batch into a free slot and sends only the slot's
 hands out a tensor over the slot and marks the slot free again when the last tensor using it is garbage-
 collected. A worker that finds no free slot (the consumer keeps old batches) allocates fresh memory
 instead, so nobody ever waits on the consumer and a batch is never overwritten while it is referenced.
+The slots of one iteration share one segment: a batch kept after its epoch keeps that segment alive.
 """
 
 from __future__ import annotations
