@@ -24,11 +24,12 @@ def decode(data: bytes, spec: TransformSpec, size: tuple[int, int] | None = None
     headers in Python (about a fifth of the time of a small image). Images to be shrunk by 2× or more
     take ``Image.open`` and draft mode instead."""
     target = (spec.width, spec.height)
-    if size is not None and not (size[0] >= 2 * spec.width and size[1] >= 2 * spec.height):
+    shrinks = lambda wh: wh[0] >= 2 * spec.width and wh[1] >= 2 * spec.height   # draft mode applies
+    if size is not None and not shrinks(size):
         im = Image.frombytes("RGB", size, data, "jpeg", "RGB", "")
     else:
         im = Image.open(io.BytesIO(data), formats=("JPEG",))
-        if im.size[0] >= 2 * spec.width and im.size[1] >= 2 * spec.height:
+        if shrinks(im.size):
             im.draft("RGB", target)
         if im.mode != "RGB":
             im = im.convert("RGB")

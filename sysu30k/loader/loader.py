@@ -105,10 +105,21 @@ def _to_nchw(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2) if images.shape[-1] == 3 and images.dtype == torch.uint8 else images
 
 
+def _layout(n: int, spec: TransformSpec, normalize: bool) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of a Pillow worker's batch of ``n``: normalised float32 NCHW, or uint8 NHWC."""
+    if normalize:
+        return (n, 3, spec.height, spec.width), torch.float32
+    return (n, spec.height, spec.width, 3), torch.uint8
+
+
 def _pool(workers: int, batch_size: int, spec: TransformSpec, normalize: bool) -> SlotPool:
     """Slots for a worker's batches in flight, the one the consumer holds and the one it is dropping."""
-    shape = (batch_size, 3, spec.height, spec.width) if normalize else (batch_size, spec.height, spec.width, 3)
-    return SlotPool(max(1, workers), PREFETCH + 2, shape, torch.float32 if normalize else torch.uint8)
+    return SlotPool(max(1, workers), PREFETCH + 2, *_layout(batch_size, spec, normalize))
+
+
+def _received(raw: dict, pool: SlotPool) -> torch.Tensor:
+    """The images of a batch a Pillow worker sent: a tensor over its slot, or the tensor itself."""
+    return pool.hand_out(raw["slot"]) if raw["slot"] is not None else raw["images"]
 
 
 def _as_is(batch: dict) -> dict:
@@ -141,7 +152,21 @@ class _Materializer:
             self.reader.release_before(first)
         return out
 
-    def sizes(self, shard: np.ndarray, row: np.ndarray) -> list[tuple[int, int] | None]:
+    def decode_batch(self, pool: SlotPool | None, worker: int, shard: np.ndarray, row: np.ndarray,
+                     datas: list[bytes | None], params: AugParams, keys: list[str],
+                     normalize: bool) -> tuple[dict, list[str]]:
+        """Decode a batch into a free slot of ``worker`` in ``pool`` (else fresh memory): the ``slot`` and
+        ``images`` entries of the batch sent to the main process, and the damaged keys."""
+        slot = pool.acquire(worker) if pool is not None and pool.buffers.shape[1] == len(keys) else None
+        if slot is not None:
+            images = pool.buffers[slot]
+        else:
+            shape, dtype = _layout(len(keys), self.spec, normalize)
+            images = torch.empty(shape, dtype=dtype)
+        damaged = self._decode_into(images, datas, self._sizes(shard, row), params, keys)
+        return {"slot": slot, "images": images if slot is None else None}, damaged
+
+    def _sizes(self, shard: np.ndarray, row: np.ndarray) -> list[tuple[int, int] | None]:
         """The packed (width, height) of each image as the manifest records it, for images whose bytes
         ``payloads`` checks against a sha256 (None otherwise: the decoder reads the header)."""
         out = []
@@ -151,8 +176,8 @@ class _Materializer:
             out.append((int(e.width[r]), int(e.height[r])) if known else None)
         return out
 
-    def decode_into(self, out: torch.Tensor, datas: list[bytes | None], sizes: list[tuple[int, int] | None],
-                    params: AugParams, keys: list[str]) -> list[str]:
+    def _decode_into(self, out: torch.Tensor, datas: list[bytes | None], sizes: list[tuple[int, int] | None],
+                     params: AugParams, keys: list[str]) -> list[str]:
         """Decode and augment each image into ``out`` (uint8 [N,H,W,3], or float32 [N,3,H,W] normalised
         image by image while it is in cache); slots without an image are black. Returns the damaged keys."""
         as_uint8 = out.dtype == torch.uint8
@@ -171,15 +196,6 @@ class _Materializer:
             if not as_uint8:
                 normalize_(out[i], torch.from_numpy(dst).permute(2, 0, 1))
         return damaged
-
-    def batch_buffer(self, pool: SlotPool | None, worker: int, n: int,
-                     normalize: bool) -> tuple[torch.Tensor, int | None]:
-        """Where a batch of ``n`` is decoded: a free slot of ``pool`` (with its number), else fresh memory."""
-        slot = pool.acquire(worker) if pool is not None and pool.buffers.shape[1] == n else None
-        if slot is not None:
-            return pool.buffers[slot], slot
-        h, w = self.spec.height, self.spec.width
-        return (torch.empty((n, 3, h, w)) if normalize else torch.empty((n, h, w, 3), dtype=torch.uint8)), None
 
 
 class _TrainStreams(torch.utils.data.IterableDataset):
@@ -225,9 +241,9 @@ class _TrainStreams(torch.utils.data.IterableDataset):
         if mat.raw:
             out["datas"] = datas
         else:
-            images, slot = mat.batch_buffer(self.pool, worker, len(keys), self.l.normalize)
-            damaged = mat.decode_into(images, datas, mat.sizes(plan.shard, plan.row), params, keys)
-            out.update(slot=slot, images=images if slot is None else None)
+            sent, damaged = mat.decode_batch(self.pool, worker, plan.shard, plan.row, datas, params, keys,
+                                             self.l.normalize)
+            out.update(sent)
             bad |= set(damaged)
             out["valid"] = valid & np.array([k not in damaged for k in keys])
         out["damaged"] = sorted(bad)
@@ -327,7 +343,7 @@ class TrainLoader:
             raw["damaged"] = sorted(set(raw["damaged"]) | set(failed))
             raw["valid"] = raw["valid"] & np.array([k not in failed for k in raw["keys"]])
         else:
-            images = _to_nchw(pool.hand_out(raw["slot"]) if raw["slot"] is not None else raw["images"])
+            images = _to_nchw(_received(raw, pool))
         return Batch(images=images, keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
                      folder=torch.from_numpy(raw["folder"]), bag=torch.from_numpy(raw["bag"]),
                      bag_labels=torch.from_numpy(raw["bag_labels"]), damaged=raw["damaged"])
@@ -390,7 +406,7 @@ class EvalLoader:
         data = torch.utils.data.DataLoader(_EvalStreams(self, pool), batch_size=None, num_workers=workers,
                                            collate_fn=_as_is, prefetch_factor=PREFETCH if workers else None)
         for raw in data:
-            images = pool.hand_out(raw["slot"]) if raw["slot"] is not None else raw["images"]
+            images = _received(raw, pool)
             yield Batch(images=_to_nchw(images), keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
                         folder=torch.from_numpy(raw["folder"]), pid=torch.from_numpy(raw["pid"]),
                         camid=torch.from_numpy(raw["camid"]),
@@ -417,12 +433,11 @@ class _EvalStreams(torch.utils.data.IterableDataset):
                 shard, row = chunk[:, 0], chunk[:, 1]
                 keys = [l.catalog[s].key[r] for s, r in zip(shard.tolist(), row.tolist())]
                 datas = mat.payloads(shard, row)
-                images, slot = mat.batch_buffer(self.pool, worker, len(keys), normalize=False)
-                damaged = mat.decode_into(images, datas, mat.sizes(shard, row), params, keys)
+                sent, damaged = mat.decode_batch(self.pool, worker, shard, row, datas, params, keys,
+                                                 normalize=False)
                 bad = set(damaged) | {k for k, d in zip(keys, datas) if d is None}
                 pick = lambda col: np.array([getattr(l.catalog[s], col)[r] for s, r in zip(shard, row)], np.int64)
-                yield {"slot": slot, "images": None if slot is not None else images, "keys": keys,
-                       "valid": np.array([k not in bad for k in keys]),
+                yield {**sent, "keys": keys, "valid": np.array([k not in bad for k in keys]),
                        "folder": pick("folder"), "pid": pick("pid"), "camid": pick("camid"), "damaged": sorted(bad)}
         finally:
             mat.reader.close()
