@@ -6,13 +6,16 @@ In one process, on the same 288-high JPEGs held in memory, interleaved rep by re
   baseline   what the shard benchmark's Pillow loop does per image: Image.open(...).convert("RGB"),
              BICUBIC resize to long side 144, save JPEG q95 (no file reading, no tar writing)
   ours       sysu30k.imageproc.prepare(data, ImageOptions(resize=144)): what a packing worker does
-  floor      only the C work ours cannot avoid: a draft (1/2-scale DCT) decode and a q95 encode,
-             with the least Python around them
+  floor      only the C work ours cannot avoid: a 1/2-scale DCT decode and a q95 encode,
+             with the least Python around them (no marker scan, no checks)
 
 baseline / floor is the most a single core can gain; times the cores, it bounds the shard benchmark's
 resize ratio from above even before planning, file reading, tar writing and hashing are counted.
+With ``--rev REV`` a fourth row, ``ours@REV``, times ``prepare`` of ``sysu30k/imageproc.py`` as it was at git
+revision REV, in the same process and rounds: the before/after of a change to the packer's image path.
 
 Usage: python benchmarks/bench_resize_ceiling.py [--tree bench-out/shard/synth-h288] [--images 2000] [--reps 5]
+                                                 [--rev REV]
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import argparse
 import io
 import json
 import statistics
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 from PIL import Image
 
-from common import machine  # noqa: E402  (benchmarks/common.py)
+from common import ROOT, machine  # noqa: E402  (benchmarks/common.py)
 from sysu30k.imageproc import ImageOptions, prepare
 from sysu30k.tuning import tune_malloc
 
@@ -40,19 +46,28 @@ def baseline(datas: list[bytes]) -> None:
         im.save(io.BytesIO(), "JPEG", quality=95)
 
 
-def ours(datas: list[bytes]) -> None:
-    opts = ImageOptions(resize=144)
+def ours(datas: list[bytes], module=None) -> None:
+    """``prepare`` of this tree, or of ``module`` (imageproc at another revision)."""
+    opts, run = (ImageOptions(resize=144), prepare) if module is None else (module.ImageOptions(resize=144),
+                                                                           module.prepare)
     for d in datas:
-        prepare(d, opts)
+        run(d, opts)
 
 
-def floor(datas: list[bytes]) -> None:
-    for d in datas:
-        im = Image.open(io.BytesIO(d))
-        w, h = im.size
-        scale = 144 / max(w, h)
-        im.draft("RGB", (round(w * scale), round(h * scale)))
-        im.load()
+def imageproc_at(rev: str):
+    """``sysu30k/imageproc.py`` as it was at git revision ``rev``, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{rev}:sysu30k/imageproc.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    name = f"imageproc_at_{rev}"
+    module = types.ModuleType(name)
+    sys.modules[name] = module          # dataclasses look their module up while the class is created
+    exec(compile(source, f"{rev}:sysu30k/imageproc.py", "exec"), module.__dict__)
+    return module
+
+
+def floor(datas: list[bytes], sizes: list[tuple[int, int]]) -> None:
+    for d, (w, h) in zip(datas, sizes):
+        im = Image.frombytes("RGB", (-(-w // 2), -(-h // 2)), d, "jpeg", "RGB", "", 2, 0)
         im.save(io.BytesIO(), "JPEG", quality=95)
 
 
@@ -61,26 +76,34 @@ def main() -> None:
     ap.add_argument("--tree", default="bench-out/shard/synth-h288")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rev", help="also time prepare() of sysu30k/imageproc.py at this git revision")
     args = ap.parse_args()
     tune_malloc()
     paths = sorted(Path(args.tree, "sysu_train_set_all").rglob("*.jpg"))[:args.images]
     if not paths:
         raise SystemExit(f"no JPEGs under {args.tree}/sysu_train_set_all (run bench_shard.py first)")
     datas = [p.read_bytes() for p in paths]
-    sizes = {Image.open(io.BytesIO(d)).size for d in datas}
-    runs: dict[str, list[float]] = {"baseline": [], "ours": [], "floor": []}
+    each = [Image.open(io.BytesIO(d)).size for d in datas]
+    sizes = set(each)
+    if any(h != 288 for _, h in sizes):
+        raise SystemExit(f"the floor decodes at 1/2 scale: it needs 288-high JPEGs, not {sorted(sizes)[:3]}")
+    configs = [("baseline", baseline), ("ours", ours), ("floor", lambda ds: floor(ds, each))]
+    if args.rev:
+        before = imageproc_at(args.rev)
+        configs.append((f"ours@{args.rev}", lambda ds: ours(ds, before)))
+    runs: dict[str, list[float]] = {name: [] for name, _ in configs}
     for _ in range(args.reps):
-        for name, fn in (("baseline", baseline), ("ours", ours), ("floor", floor)):
+        for name, fn in configs:
             t0 = time.perf_counter()
             fn(datas)
             runs[name].append((time.perf_counter() - t0) / len(datas) * 1e6)
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"{len(datas)} JPEGs, sizes {sorted(sizes)[:3]}, {args.reps} interleaved reps, median µs per image:")
     for k in runs:
-        print(f"  {k:<9}{med[k]:8.1f}   baseline/{k} = {med['baseline'] / med[k]:.2f}x")
+        print(f"  {k:<16}{med[k]:8.1f}   baseline/{k} = {med['baseline'] / med[k]:.2f}x")
     out = Path("bench-out/bench_resize_ceiling.json")
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "images": len(datas), "reps": args.reps,
+    out.write_text(json.dumps({"machine": machine(), "images": len(datas), "reps": args.reps, "rev": args.rev,
                                "us_per_image": runs, "median": med}, indent=1))
 
 

@@ -231,10 +231,6 @@ def run_child(config: str, src: Path, dst: Path) -> dict:
     return res
 
 
-
-
-
-
 def summarise(runs: dict[str, list[dict]]) -> list[dict]:
     rows = []
     med_rate = {c: statistics.median(r["images"] / r["seconds"] for r in rs) for c, rs in runs.items()}

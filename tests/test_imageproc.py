@@ -114,6 +114,30 @@ def test_marker_scan_takes_only_plain_rgb_jpegs():
         assert plain_jpeg_size(other) is None
 
 
+def _without_segment(data: bytes, marker: bytes) -> bytes:
+    """``data`` with its first ``marker`` segment cut out."""
+    at = data.index(marker)
+    return data[:at] + data[at + 2 + int.from_bytes(data[at + 2:at + 4], "big"):]
+
+
+def test_rgb_coded_jpegs_resize_to_the_right_picture():
+    """JPEGs whose 3 components are R, G, B (an Adobe marker saying so, or only the component ids) take
+    the plain fast path like YCbCr ones and still resize to the source's picture."""
+    from sysu30k.imageproc import plain_jpeg_size
+
+    src = f.pattern(100, 288, seed=3)
+    adobe = f.encode(src, quality=95, keep_rgb=True)
+    ids_only = _without_segment(adobe, b"\xff\xee")
+    assert b"Adobe" not in ids_only
+    for data in (adobe, ids_only, f.encode(src, quality=95)):
+        assert target_size(*plain_jpeg_size(data), 144) == (50, 144)
+        out = prepare(data, ImageOptions(resize=144))
+        assert (out.width, out.height) == (50, 144)
+        got = np.asarray(Image.open(io.BytesIO(out.data)).convert("RGB"), dtype=float)
+        want = np.asarray(src.resize((50, 144), Image.Resampling.BOX), dtype=float)
+        assert np.abs(got - want).mean() < 3
+
+
 def test_exif_orientation_1_is_still_packed_unchanged():
     data = f.exif_rotated_jpeg(1)
     assert prepare(data, FULL).data == data
