@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """How fast can ``--resize 144`` be on one core? The per-image floor of the work Pillow must do in C.
 
-In one process, on the same 288-high JPEGs held in memory, interleaved rep by rep (medians):
+In one process, on the same 288-high JPEGs held in memory, interleaved rep by rep in a rotating order
+(medians):
 
   baseline   what the shard benchmark's Pillow loop does per image: Image.open(...).convert("RGB"),
              BICUBIC resize to long side 144, save JPEG q95 (no file reading, no tar writing)
@@ -92,8 +93,9 @@ def main() -> None:
         before = imageproc_at(args.rev)
         configs.append((f"ours@{args.rev}", lambda ds: ours(ds, before)))
     runs: dict[str, list[float]] = {name: [] for name, _ in configs}
-    for _ in range(args.reps):
-        for name, fn in configs:
+    for rep in range(args.reps):
+        shift = rep % len(configs)          # each configuration runs first, second, ... in turn: no order effect
+        for name, fn in configs[shift:] + configs[:shift]:
             t0 = time.perf_counter()
             fn(datas)
             runs[name].append((time.perf_counter() - t0) / len(datas) * 1e6)

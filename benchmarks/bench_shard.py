@@ -314,9 +314,11 @@ def main() -> None:
     info["summary"] = rows
     info["runs"] = runs
     stamp = started.replace(":", "").replace("-", "")
+    raw = ROOT / "bench-out"              # beside the other benchmarks' JSON, wherever --out puts the trees
+    raw.mkdir(exist_ok=True)
     for name in (f"bench_shard-{stamp}.json", "bench_shard.json"):
-        (out.parent / name).write_text(json.dumps(info, indent=1))
-    print(f"\nraw timings: {out.parent / 'bench_shard.json'}")
+        (raw / name).write_text(json.dumps(info, indent=1))
+    print(f"\nraw timings: {raw / f'bench_shard-{stamp}.json'}")
 
 
 if __name__ == "__main__":
