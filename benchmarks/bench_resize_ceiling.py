@@ -34,7 +34,7 @@ from pathlib import Path
 from PIL import Image
 
 from common import ROOT, machine  # noqa: E402  (benchmarks/common.py)
-from sysu30k.imageproc import ImageOptions, prepare
+from sysu30k import imageproc
 from sysu30k.tuning import tune_malloc
 
 
@@ -47,12 +47,11 @@ def baseline(datas: list[bytes]) -> None:
         im.save(io.BytesIO(), "JPEG", quality=95)
 
 
-def ours(datas: list[bytes], module=None) -> None:
-    """``prepare`` of this tree, or of ``module`` (imageproc at another revision)."""
-    opts, run = (ImageOptions(resize=144), prepare) if module is None else (module.ImageOptions(resize=144),
-                                                                           module.prepare)
+def ours(datas: list[bytes], module: types.ModuleType = imageproc) -> None:
+    """``prepare`` of this tree's imageproc, or of ``module`` (imageproc at another revision)."""
+    opts = module.ImageOptions(resize=144)
     for d in datas:
-        run(d, opts)
+        module.prepare(d, opts)
 
 
 def imageproc_at(rev: str):

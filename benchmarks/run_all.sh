@@ -5,7 +5,8 @@
 #   bench_shard: 3 reps of 12 configurations on two 21k-image synthetic trees (about 7 min idle, 15 min under
 #     load), then 5 reps of the six 2-worker configurations on two 102k-image trees (about 9 min), plus about
 #     4 min the first time to generate the trees. The trees live on tmpfs (/dev/shm, or $BENCH_TMPFS): this VM
-#     hands page cache back to its host within a minute, so trees on disk are read partly from disk.
+#     hands page cache back to its host within a minute, so trees on disk are read partly from disk. They stay
+#     there for the next run (about 1.7 GB of memory): remove $BENCH_TMPFS/sysu30k-bench to free it.
 #   bench_plan_memory: 3 interleaved reps at 1.48 M and 2.96 M entries. The 29.6 M-entry run is ONE rep
 #     (--full-reps 1), because each takes 5–10 min; its figure is peak RSS, which varies by about 2% between reps.
 set -euo pipefail
