@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-setup
 setup: $(STAMP)
 
 # Pinned install (ENVIRONMENT.md §8): torch from the local CPU wheel, torchvision 0.28.0 without its deps
-# (the +cu130 build; sysu30k.compat guards its ops), then Pillow-SIMD last so nothing puts Pillow back.
+# (the +cu130 build; sysu30k.io.compat guards its ops), then Pillow-SIMD last so nothing puts Pillow back.
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt

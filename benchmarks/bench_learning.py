@@ -114,10 +114,10 @@ def child(args) -> None:
     """Train one method on one DST, score it on the test split, and write a JSON record."""
     import torch
 
-    from sysu30k import checkpoint
-    from sysu30k.losses import LossWeights
-    from sysu30k.model import ModelConfig, build_model
-    from sysu30k.trainer import RunOptions, TrainConfig, train
+    from sysu30k.model.network import checkpoint
+    from sysu30k.train.losses import LossWeights
+    from sysu30k.model.network import ModelConfig, build_model
+    from sysu30k.train.weak import RunOptions, TrainConfig, train
     from sysu30k.evaluation.run import evaluate_split
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -314,8 +314,8 @@ def main() -> None:
             return {"seed": seed, "method": method, "failed": "no result"}
         rec = json.loads(res.read_text())
         if args.rediag:
-            from sysu30k import checkpoint
-            from sysu30k.model import build_model
+            from sysu30k.model.network import checkpoint
+            from sysu30k.model.network import build_model
             state = checkpoint.load(runs / f"s{seed}-{method}" / "last.pt")
             model = build_model(state["config"]["model"])
             model.load_state_dict(state["model"])

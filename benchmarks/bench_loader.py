@@ -98,7 +98,7 @@ def run_base(urls: list[str], workers: int) -> dict:
     import torch
     import webdataset as wds
 
-    from sysu30k.compat import import_torchvision
+    from sysu30k.io.compat import import_torchvision
 
     T = import_torchvision().transforms
     transform = T.Compose([T.Resize((HEIGHT, WIDTH)), T.Pad(PAD), T.RandomCrop((HEIGHT, WIDTH)),
@@ -188,8 +188,8 @@ def prepare(args) -> tuple[Path, list[str], dict]:
     ensure(dst, [sysu30k_exe(), "shard", str(tree), str(dst), "--resize", "144", "--shard-size", size,
                  "--workers", "2"], resumable=True)
     from sysu30k.loader.catalog import load_catalog
-    from sysu30k.packer import SHARD_DIR
-    from sysu30k.storage import Storage
+    from sysu30k.manifests import SHARD_DIR
+    from sysu30k.io.storage import Storage
 
     catalog = load_catalog(Storage(str(dst)), "train")
     urls = [str(dst / SHARD_DIR / f"{e.shard}.tar") for e in catalog]

@@ -5,7 +5,7 @@ A custom fsspec filesystem (protocol ``synthlist``) synthesises directory listin
 of the release: ``sysu_train_set_all/`` with 28,310 folders ``%010d`` (29,126,188 files, ~2,800 B each),
 ``sysu_test_set_all/query/`` with 1,000 identity folders of one image, ``sysu_test_set_all/gallery/``
 with 1,000 identity folders of one image plus ``0000others/`` with 478,730 distractors. No image bytes
-exist. ``sysu30k.plan.make_plan`` runs on ``Storage("synthlist://sysu30k")`` with a local DST under
+exist. ``sysu30k.ingest.plan.make_plan`` runs on ``Storage("synthlist://sysu30k")`` with a local DST under
 ``--out``, in a child process per run; the child's peak RSS comes from ``os.wait4``.
 
 Configurations (interleaved rep by rep):
@@ -174,7 +174,7 @@ def write_meta(path: Path, shape: dict) -> None:
 def _list_cutter_class():
     """The baseline: a drop-in for plan._ShardCutter that keeps every row in a list of tuples until close."""
     import pyarrow as pa
-    from sysu30k.plan import PLAN_SCHEMA, rows_digest, shard_name, shard_rows_path, tar_bytes
+    from sysu30k.ingest.plan import PLAN_SCHEMA, rows_digest, shard_name, shard_rows_path, tar_bytes
 
     class ListCutter:
         def __init__(self, dst, subset, opts, on_shard):
@@ -211,10 +211,10 @@ def _list_cutter_class():
 def child_main(spec: dict) -> None:
     SynthListFS.shape = spec["shape"]
     SynthListFS.meta_file = spec.get("meta_file")
-    from sysu30k import plan as plan_mod
-    from sysu30k.constants import SUBSETS
-    from sysu30k.layout import subset_root
-    from sysu30k.storage import Storage
+    from sysu30k.ingest import plan as plan_mod
+    from sysu30k.release.constants import SUBSETS
+    from sysu30k.ingest.layout import subset_root
+    from sysu30k.io.storage import Storage
 
     src = Storage(f"synthlist://{SynthListFS.ROOT}")
     dst = Storage(spec["dst"])

@@ -6,7 +6,7 @@ In one process, on the same 288-high JPEGs held in memory, interleaved rep by re
 
   baseline   what the shard benchmark's Pillow loop does per image: Image.open(...).convert("RGB"),
              BICUBIC resize to long side 144, save JPEG q95 (no file reading, no tar writing)
-  ours       sysu30k.imageproc.prepare(data, ImageOptions(resize=144)): what a packing worker does
+  ours       sysu30k.ingest.imageproc.prepare(data, ImageOptions(resize=144)): what a packing worker does
   floor      only the C work ours cannot avoid: a 1/2-scale DCT decode and a q95 encode,
              with the least Python around them (no marker scan, no checks)
 
@@ -34,8 +34,8 @@ from pathlib import Path
 from PIL import Image
 
 from common import ROOT, machine  # noqa: E402  (benchmarks/common.py)
-from sysu30k import imageproc
-from sysu30k.tuning import tune_malloc
+from sysu30k.ingest import imageproc
+from sysu30k.io.tuning import tune_malloc
 
 
 def baseline(datas: list[bytes]) -> None:

@@ -22,8 +22,8 @@ resize (synth-h288)
 
 Timing: perf_counter inside the child around the work only (imports and interpreter start excluded; the
 whole child wall time is recorded too as ``proc_s``). For ours it covers planning + packing + publishing;
-the planning and publishing shares are timed separately by wrapping ``sysu30k.shard.make_plan`` and
-``sysu30k.shard.publish``. The page cache is warm: the parent reads every file of a tree once (untimed)
+the planning and publishing shares are timed separately by wrapping ``sysu30k.ingest.shard.make_plan`` and
+``sysu30k.ingest.shard.publish``. The page cache is warm: the parent reads every file of a tree once (untimed)
 before its group, and DST deletion plus ``os.sync()`` between runs is not timed.
 
 Usage: python benchmarks/bench_shard.py [--reps 3] [--out bench-out/shard] [--images 20000] [--configs a,b]
@@ -120,10 +120,10 @@ def run_base_pil(src: str, dst: str, long_side: int = 144) -> dict:
 
 
 def run_ours(src: str, dst: str, verify: str, resize: int | None, workers: int, shard_mb: int | None) -> dict:
-    import sysu30k.shard as shard_mod
-    from sysu30k.imageproc import ImageOptions
-    from sysu30k.plan import ShardingOptions
-    from sysu30k.shard import ShardJob, run_shard
+    import sysu30k.ingest.shard as shard_mod
+    from sysu30k.ingest.imageproc import ImageOptions
+    from sysu30k.ingest.plan import ShardingOptions
+    from sysu30k.ingest.shard import ShardJob, run_shard
 
     shares = {"plan_s": 0.0, "publish_s": 0.0}
 

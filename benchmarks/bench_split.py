@@ -124,9 +124,10 @@ def run_plain(dst: str) -> dict:
     import pyarrow.parquet as pq
 
     from sysu30k import manifests
-    from sysu30k.split import OFFICIAL_TEST_IDS, SPLIT_SUMMARY
-    from sysu30k.split_checks import check_counts, check_split
-    from sysu30k.storage import Storage
+    from sysu30k.manifests import SPLIT_SUMMARY
+    from sysu30k.release.constants import OFFICIAL_TEST_IDS
+    from sysu30k.split.checks import check_counts, check_split
+    from sysu30k.io.storage import Storage
 
     st = Storage(dst)
     cols = ["key", "subset", "path", "folder", "pid", "camid", "distractor"]
@@ -148,7 +149,7 @@ def run_plain(dst: str) -> dict:
 
 
 def run_dask(dst: str, scheduler: str | None) -> dict:
-    from sysu30k.split import build_splits
+    from sysu30k.split.build import build_splits
 
     s = build_splits(dst, scheduler=scheduler, workers=2, expected="official")
     t = s["splits"]["test"]

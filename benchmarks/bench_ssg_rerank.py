@@ -1,4 +1,4 @@
-"""Benchmark: the sparse SSG clustering distance (sysu30k.ssg.rerank: k-reciprocal Jaccard + source term,
+"""Benchmark: the sparse SSG clustering distance (sysu30k.train.ssg.rerank: k-reciprocal Jaccard + source term,
 eps, DBSCAN) against the dense algorithm (tests/ssg_reference.py: the original N×N re-ranking code in
 float64, with its per-row loops and the inverted-index Jaccard), and its absolute cost at scale.
 
@@ -76,7 +76,7 @@ def child(config: str, n: int, dim: int, noise: float, rho: float, chunk: int) -
     out = {"config": config, "n": n, "input_kb": input_kb, "load1": load, "threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     if config == "sparse":
-        from sysu30k.ssg.rerank import cluster, select_eps, ssg_distance
+        from sysu30k.train.ssg.rerank import cluster, select_eps, ssg_distance
 
         d = ssg_distance(target, source, chunk=chunk, device="cpu")
         t1 = time.perf_counter()

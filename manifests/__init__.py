@@ -39,6 +39,17 @@ def schema(table: str) -> pa.Schema:
     return pa.schema(fields, metadata={"sysu30k.table": table, "sysu30k.version": str(contract()["version"])})
 
 
+def _layout(name: str) -> str:
+    return contract()["layout"][name]
+
+
+SHARD_DIR = _layout("shards")
+PARTS_DIR = _layout("parts")
+PLAN_DIR = _layout("plan")
+SUMMARY = _layout("summary")
+SPLIT_SUMMARY = _layout("split_summary")
+
+
 def relpath(table: str) -> str:
     """Where ``table`` lives, relative to the dataset root DST."""
     return contract()["tables"][table]["file"]

@@ -11,7 +11,7 @@ import sys
 import click
 
 from . import __version__
-from .constants import SUBSETS
+from .release.constants import SUBSETS
 from .errors import UserError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -116,11 +116,11 @@ def shard(src: str, dst: str, shard_size: int, shard_count: int, resize: int | N
     after an interruption and it continues from the completed shards, ending byte-identical to an
     uninterrupted run.
     """
-    from .imageproc import ImageOptions
-    from .plan import ShardingOptions
-    from .retry import RetryPolicy
-    from .shard import ShardJob, run_shard
-    from .storage import parse_options
+    from .ingest.imageproc import ImageOptions
+    from .ingest.plan import ShardingOptions
+    from .io.retry import RetryPolicy
+    from .ingest.shard import ShardJob, run_shard
+    from .io.storage import parse_options
 
     job = ShardJob(ShardingOptions(shard_size, shard_count), ImageOptions(verify, resize, quality, max_pixels),
                    subsets)
@@ -178,7 +178,7 @@ def split(dst: str, val_folders: int, val_block: int, val_distractors: float, se
     the protocol's invariants and reports every deviation, and writes split.parquet, holdout.parquet
     (folders a trainer must skip) and split_summary.json.
     """
-    from .split import build_splits
+    from .split.build import build_splits
 
     s = build_splits(dst, val_folders=val_folders, seed=seed, scheduler=scheduler, strict=strict, expected=expect,
                      val_block=val_block, val_distractors=val_distractors, workers=workers)
@@ -214,7 +214,7 @@ def peek(dst: str, out: str, index: int, bags: int, per_bag: int, height: int, w
          seed: int) -> None:
     """Draw one bag-structured training batch of DST as a PNG: a row per bag, with its weak label."""
     from .loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
-    from .peek import batch_sheet
+    from .loader.peek import batch_sheet
 
     spec = BagSpec(bags=bags, per_bag=per_bag)
     loader = TrainLoader(dst, spec, TransformSpec(height=height, width=width),
@@ -324,8 +324,8 @@ def _start_run(out_dir: str, overwrite: bool, decoder: str, workers: int, device
     """The RunOptions of a training command (after deleting ``out_dir`` when asked to)."""
     import shutil
 
-    from .loop import RunOptions
-    from .storage import parse_options
+    from .train.loop import RunOptions
+    from .io.storage import parse_options
 
     if overwrite and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
@@ -380,9 +380,9 @@ def train_weak(dst: str, out_dir: str, method: str, arch: str, embedding: int, p
     `sysu30k split --val-folders N` done first, each epoch is validated and best.pt kept by val rank-1.
     Several GPUs: torchrun --nproc-per-node N -m sysu30k train-weak ...
     """
-    from .losses import LossWeights
-    from .model import ModelConfig
-    from .trainer import TrainConfig, train
+    from .train.losses import LossWeights
+    from .model.network import ModelConfig
+    from .train.weak import TrainConfig, train
 
     try:
         steps = tuple(int(x) for x in lr_steps.split(",") if x.strip())
@@ -454,8 +454,8 @@ def train_ssg(dst: str, out_dir: str, stage: str, init: str | None, source_dst: 
     epoch and on SIGTERM; rerun the same command to resume exactly. With `sysu30k split --val-folders N`
     on DST, each clustering round ends with a validation and best.pt is kept by val rank-1.
     """
-    from .model import ModelConfig
-    from .ssg.train import SSGConfig, train
+    from .model.network import ModelConfig
+    from .train.ssg.train import SSGConfig, train
     from .synth.truth import read_truth
 
     run = _start_run(out_dir, overwrite, decoder, workers, device, storage_options, log_every, keep_every)

@@ -48,7 +48,7 @@ def _torch() -> list[Check]:
     rows = [Check("torch", True, f"{torch.__version__}, {torch.get_num_threads()} threads"),
             Check("CUDA", cuda, f"CUDA {torch.version.cuda}; GPUs: {gpus}" if cuda else "no CUDA device")]
     try:
-        from .compat import import_torchvision
+        from .io.compat import import_torchvision
 
         rows.append(Check("torchvision", True, import_torchvision().__version__))
     except Exception as exc:  # any import failure is a finding, not a crash
@@ -85,7 +85,7 @@ def _s3() -> list[Check]:
 
 def run_checks() -> list[Check]:
     """Every check, in display order."""
-    from .tuning import tune_malloc
+    from .io.tuning import tune_malloc
 
     rows = [Check("python", True, f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")]
     rows += _pillow() + _torch() + _dali()

@@ -1,8 +1,8 @@
 """Test helper: a plain dense numpy (float64) transcription of SSG's clustering distance, eps and DBSCAN
 (SSG ``reid/rerank.py`` and ``generate_selflabel``, after Zhong et al. 2017), written literally with
-N×N matrices and per-row loops, to check the sparse ``sysu30k.ssg.rerank`` against. Ranks use a stable
+N×N matrices and per-row loops, to check the sparse ``sysu30k.train.ssg.rerank`` against. Ranks use a stable
 argsort, so ties go to the lower index. One deliberate change: d_J below 1e-10 (float noise where it is
-mathematically 0) is set to 0 rather than only its negative values, as ``sysu30k.ssg.rerank`` does."""
+mathematically 0) is set to 0 rather than only its negative values, as ``sysu30k.train.ssg.rerank`` does."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sysu30k import manifests
 from sysu30k.cli import cli
-from sysu30k.constants import DISTRACTOR_PID
+from sysu30k.release.constants import DISTRACTOR_PID
 from sysu30k.evaluation import read_features, score, write_features
 
 
@@ -187,9 +187,9 @@ def test_user_errors(feats, monkeypatch):
 
 @pytest.fixture(scope="module")
 def packed_split(tiny_tree, tmp_path_factory):
-    from sysu30k.plan import ShardingOptions
-    from sysu30k.shard import ShardJob, run_shard
-    from sysu30k.split import build_splits
+    from sysu30k.ingest.plan import ShardingOptions
+    from sysu30k.ingest.shard import ShardJob, run_shard
+    from sysu30k.split.build import build_splits
 
     dst = tmp_path_factory.mktemp("evaldst") / "dst"
     run_shard(str(tiny_tree), str(dst), ShardJob(ShardingOptions(shard_count=7)), show_progress=False)
@@ -198,7 +198,7 @@ def packed_split(tiny_tree, tmp_path_factory):
 
 
 def test_checkpoint_end_to_end(packed_split, tmp_path):
-    from sysu30k.model import ModelConfig, build_model
+    from sysu30k.model.network import ModelConfig, build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=32)
@@ -235,7 +235,7 @@ def test_checkpoint_end_to_end(packed_split, tmp_path):
 
 def test_evaluate_split_is_the_trainers_validation(packed_split, tmp_path):
     from sysu30k.evaluation.run import evaluate_split
-    from sysu30k.model import ModelConfig, build_model
+    from sysu30k.model.network import ModelConfig, build_model
 
     torch.manual_seed(1)
     cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=16)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import imagefiles as f
-from sysu30k.imageproc import ImageOptions, Rejected, prepare, target_size
+from sysu30k.ingest.imageproc import ImageOptions, Rejected, prepare, target_size
 
 FULL = ImageOptions()
 HEADER = ImageOptions(verify="header")
@@ -103,7 +103,7 @@ def test_header_mode_skips_decoding_but_full_mode_decodes():
 
 
 def test_marker_scan_takes_only_plain_rgb_jpegs():
-    from sysu30k.imageproc import plain_jpeg_size
+    from sysu30k.ingest.imageproc import plain_jpeg_size
 
     assert plain_jpeg_size(f.rgb_jpeg(48, 96)) == (48, 96)
     progressive = f.encode(f.pattern(40, 80), quality=90, progressive=True)
@@ -123,7 +123,7 @@ def _without_segment(data: bytes, marker: bytes) -> bytes:
 def test_rgb_coded_jpegs_resize_to_the_right_picture():
     """JPEGs whose 3 components are R, G, B (an Adobe marker saying so, or only the component ids) take
     the plain fast path like YCbCr ones and still resize to the source's picture."""
-    from sysu30k.imageproc import plain_jpeg_size
+    from sysu30k.ingest.imageproc import plain_jpeg_size
 
     src = f.pattern(100, 288, seed=3)
     adobe = f.encode(src, quality=95, keep_rgb=True)
@@ -150,7 +150,7 @@ def test_exif_orientation_1_is_still_packed_unchanged():
 ], ids=["baseline-2x", "progressive-odd", "444-8x"])
 def test_plain_jpegs_resize_to_the_same_bytes_as_through_image_open(data):
     """The plain-JPEG fast path (no header parse in Python) decodes exactly as Image.open + draft + load."""
-    from sysu30k.imageproc import _convert, _open, plain_jpeg_size
+    from sysu30k.ingest.imageproc import _convert, _open, plain_jpeg_size
 
     opts = ImageOptions(resize=144)
     target = target_size(*plain_jpeg_size(data), 144)

@@ -7,8 +7,8 @@ import pytest
 
 import imagefiles as f
 from sysu30k.errors import UserError
-from sysu30k.layout import LayoutReject, SourceImage, SubsetReport, _stem, present_subsets, walk_subset
-from sysu30k.storage import Storage
+from sysu30k.ingest.layout import LayoutReject, SourceImage, SubsetReport, _stem, present_subsets, walk_subset
+from sysu30k.io.storage import Storage
 
 
 def put(root: Path, rel: str, data: bytes = b"") -> None:

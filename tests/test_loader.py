@@ -14,8 +14,8 @@ from sysu30k.loader import loader as loader_module
 from sysu30k.loader.catalog import ShardEntries, assign_streams
 from sysu30k.loader.sampler import batches_for, plan_epoch
 from sysu30k.loader.transforms import draw_params
-from sysu30k.plan import ShardingOptions
-from sysu30k.shard import ShardJob, run_shard
+from sysu30k.ingest.plan import ShardingOptions
+from sysu30k.ingest.shard import ShardJob, run_shard
 
 SPEC = BagSpec(bags=6, per_bag=5)                  # small batches: several per epoch on the test data
 SMALL = TransformSpec(height=64, width=32, pad=4)
@@ -241,7 +241,8 @@ def test_batches_kept_without_copying_are_never_overwritten(packed, normalize):
 
 
 def test_folders_held_out_by_split_are_excluded_by_default(packed, tmp_path):
-    from sysu30k.split import build_splits, excluded_folders
+    from sysu30k.split.build import build_splits
+    from sysu30k.split.holdout import excluded_folders
 
     dst = tmp_path / "dst"
     shutil.copytree(packed, dst)

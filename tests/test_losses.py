@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sysu30k.losses import (LossWeights, bag_classes, method_loss, pairwise_loss, pseudo_labels_argmax,
+from sysu30k.train.losses import (LossWeights, bag_classes, method_loss, pairwise_loss, pseudo_labels_argmax,
                             pseudo_labels_balanced, unary_loss, weak_triplet_loss)
 
 

@@ -17,10 +17,10 @@ import s3fs
 from conftest import tree_digest
 from faultproxy import FaultProxy
 from sysu30k.errors import UserError
-from sysu30k.imageproc import ImageOptions
-from sysu30k.plan import ShardingOptions
-from sysu30k.retry import RetryPolicy
-from sysu30k.shard import ShardJob, run_shard
+from sysu30k.ingest.imageproc import ImageOptions
+from sysu30k.ingest.plan import ShardingOptions
+from sysu30k.io.retry import RetryPolicy
+from sysu30k.ingest.shard import ShardJob, run_shard
 
 JOB = ShardJob(ShardingOptions(shard_count=4), ImageOptions(resize=100))
 CLI_JOB = ["--shard-count", "4", "--resize", "100"]
@@ -211,6 +211,6 @@ def test_killing_a_dask_worker_loses_and_duplicates_nothing(dask_cluster, bigger
 
 
 def test_unreachable_scheduler_is_a_user_error(tiny_tree, tmp_path, monkeypatch):
-    monkeypatch.setattr("sysu30k.shard.SCHEDULER_TIMEOUT", "2s")
+    monkeypatch.setattr("sysu30k.ingest.shard.SCHEDULER_TIMEOUT", "2s")
     with pytest.raises(UserError, match="Dask scheduler"):
         run_shard(str(tiny_tree), str(tmp_path / "x"), JOB, scheduler="tcp://127.0.0.1:9", show_progress=False)

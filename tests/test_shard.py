@@ -20,8 +20,8 @@ from PIL import Image
 import imagefiles as f
 from conftest import tree_digest
 from sysu30k.cli import cli
-from sysu30k.plan import ShardingOptions
-from sysu30k.shard import ShardJob, run_shard
+from sysu30k.ingest.plan import ShardingOptions
+from sysu30k.ingest.shard import ShardJob, run_shard
 
 SMALL = ShardJob(ShardingOptions(shard_count=10))
 

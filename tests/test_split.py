@@ -19,13 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from sysu30k import manifests
-from sysu30k.constants import DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_TEST_IDS, QUERY_CAMID
+from sysu30k.release.constants import DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_TEST_IDS, QUERY_CAMID
 from sysu30k.errors import UserError
-from sysu30k.plan import ShardingOptions
-from sysu30k.shard import ShardJob, run_shard
-from sysu30k.split import (GUARD, SPLIT_SUMMARY, build_splits, choose_holdout, excluded_folders,
-                           max_val_folders, training_bags)
-from sysu30k.split_checks import EXAMPLES, check_counts, check_split
+from sysu30k.ingest.plan import ShardingOptions
+from sysu30k.ingest.shard import ShardJob, run_shard
+from sysu30k.manifests import SPLIT_SUMMARY
+from sysu30k.split.build import build_splits
+from sysu30k.split.holdout import GUARD, choose_holdout, excluded_folders, max_val_folders, training_bags
+from sysu30k.split.checks import EXAMPLES, check_counts, check_split
 
 from conftest import TINY
 
@@ -284,7 +285,7 @@ def test_val_deterministic_by_seed_and_rerun_overwrites(val_packed, scheduler, t
 
 
 def test_trainer_refuses_a_holdout_that_disagrees_with_the_summary(val_packed, tmp_path):
-    from sysu30k.split import Holdout
+    from sysu30k.split.holdout import Holdout
 
     dst = manifests_copy(val_packed, tmp_path)
     build_splits(str(dst), scheduler="sync", val_folders=2, val_block=1)
@@ -294,7 +295,7 @@ def test_trainer_refuses_a_holdout_that_disagrees_with_the_summary(val_packed, t
 
 
 def test_failed_rerun_keeps_previous_outputs(packed, tmp_path, monkeypatch):
-    import sysu30k.split as split
+    import sysu30k.split.build as split
 
     dst = manifests_copy(packed, tmp_path)
     build_splits(str(dst), scheduler="sync")

@@ -1,4 +1,4 @@
-"""sysu30k.ssg.rerank (sparse SSG distance, eps, DBSCAN) against the dense reference (tests/ssg_reference.py)."""
+"""sysu30k.train.ssg.rerank (sparse SSG distance, eps, DBSCAN) against the dense reference (tests/ssg_reference.py)."""
 
 import logging
 import tracemalloc
@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import sysu30k.ssg.rerank as rr
+import sysu30k.train.ssg.rerank as rr
 from ssg_reference import initial_rank, reference_distance, reference_eps, reference_labels, sq_dist
 from sysu30k.errors import UserError
 

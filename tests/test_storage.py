@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import sysu30k.storage as storage
-from sysu30k.storage import Storage
+import sysu30k.io.storage as storage
+from sysu30k.io.storage import Storage
 
 
 @pytest.mark.parametrize("size", [0, 1, 5_000, (1 << 20) + 7, 3 << 20])

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sysu30k.bags import consecutive_bags, parse_bag_json
-from sysu30k.constants import (BAG_LABEL_JSON, DISTRACTOR_FOLDER, GALLERY_DIR, META_DIR, QUERY_DIR, TEST_DIR,
+from sysu30k.release.bags import consecutive_bags, parse_bag_json
+from sysu30k.release.constants import (BAG_LABEL_JSON, DISTRACTOR_FOLDER, GALLERY_DIR, META_DIR, QUERY_DIR, TEST_DIR,
                                TRAIN_DIR)
 from sysu30k.errors import UserError
 from sysu30k.synth import SynthConfig, SynthSummary, render_person, write_synth

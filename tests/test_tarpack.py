@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from sysu30k.tarpack import TAR_MODE, TAR_MTIME, ShardWriter, ustar_header
+from sysu30k.ingest.tarpack import TAR_MODE, TAR_MTIME, ShardWriter, ustar_header
 
 
 def reference_tar(members: list[tuple[str, bytes]]) -> bytes:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ddp import torchrun_cli
-from sysu30k.checkpoint import load
-from sysu30k.model import build_model
+from sysu30k.model.checkpoint import load
+from sysu30k.model.network import build_model
 
 ARGS = ["--arch", "resnet18", "--embedding", "32", "--height", "64", "--width", "32", "--bags", "4",
         "--per-bag", "6", "--optimizer", "adam", "--lr", "0.001", "--head-lr-mult", "10", "--workers", "0",
@@ -24,8 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from sysu30k.plan import ShardingOptions
-    from sysu30k.shard import ShardJob, run_shard
+    from sysu30k.ingest.plan import ShardingOptions
+    from sysu30k.ingest.shard import ShardJob, run_shard
     from sysu30k.synth import SynthConfig, write_synth
 
     root = tmp_path_factory.mktemp("train")

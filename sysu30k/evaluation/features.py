@@ -24,7 +24,7 @@ import torch
 
 from .. import manifests
 from ..errors import UserError
-from ..storage import Storage
+from ..io.storage import Storage
 
 log = logging.getLogger("sysu30k")
 MAX_LIST_VALUES = 1 << 28           # values per written batch (list offsets are int32)

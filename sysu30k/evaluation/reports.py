@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .. import manifests
 from ..errors import UserError
-from ..storage import Storage
+from ..io.storage import Storage
 from .features import read_parquet
 from .scoring import TIE_RULE, Scores
 

@@ -14,8 +14,8 @@ import torch
 
 from .. import manifests
 from ..errors import UserError
-from ..storage import Storage
-from ..checkpoint import load as load_checkpoint
+from ..io.storage import Storage
+from ..model.checkpoint import load as load_checkpoint
 from .features import FeatureSet, extract_features, join_split, read_features, read_parquet, write_features
 from .reports import write_run
 from .scoring import auto_chunk, score
@@ -157,7 +157,7 @@ def split_roles(dst: Storage, split: str, required: bool = True) -> dict | None:
 
 def _model(ckpt: dict, ckpt_path, dev: torch.device) -> torch.nn.Module:
     """The checkpoint's network, in eval mode on ``dev``."""
-    from ..model import build_model          # lazily: the model module is the trainer's
+    from ..model.network import build_model          # lazily: the model module is the trainer's
 
     try:
         model = build_model(ckpt["config"]["model"])

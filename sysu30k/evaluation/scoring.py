@@ -42,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from .. import manifests
-from ..constants import DISTRACTOR_PID
+from ..release.constants import DISTRACTOR_PID
 from ..errors import UserError
 
 log = logging.getLogger("sysu30k")

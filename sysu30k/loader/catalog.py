@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from .. import manifests
 from ..errors import UserError
-from ..storage import Storage
+from ..io.storage import Storage
 
 COLUMNS = ["key", "shard", "offset", "size", "sha256", "folder", "pid", "camid", "distractor", "width", "height"]
 

@@ -18,8 +18,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..storage import Storage
-from ..tuning import tune_malloc
+from ..io.storage import Storage
+from ..io.tuning import tune_malloc
+from ..split.holdout import excluded_folders
 from . import decode_pil
 from .catalog import ShardEntries, assign_streams, load_catalog
 from .groups import GroupSpec, group_batches, plan_group_epoch
@@ -276,8 +277,6 @@ class TrainLoader:
         self.raw = self.decoder == "dali"
         self.normalize = options.normalize_in_workers(self.decoder)
         if exclude_folders is None:
-            from ..split import excluded_folders
-
             exclude_folders = frozenset(excluded_folders(dst_url, options.storage_options))
         self.excluded = exclude_folders
         self.catalog = load_catalog(Storage(dst_url, options.storage_options), "train", self.excluded)

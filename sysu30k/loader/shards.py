@@ -13,8 +13,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..packer import SHARD_DIR
-from ..storage import Storage
+from ..manifests import SHARD_DIR
+from ..io.storage import Storage
 
 
 class ShardReader:

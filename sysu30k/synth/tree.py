@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..bags import bags_to_json, consecutive_bags, train_folder_name
-from ..constants import (BAG_LABEL_JSON, DISTRACTOR_FOLDER, GALLERY_CAMID, GALLERY_DIR, IMAGE_EXT, META_DIR,
+from ..release.bags import bags_to_json, consecutive_bags, train_folder_name
+from ..release.constants import (BAG_LABEL_JSON, DISTRACTOR_FOLDER, GALLERY_CAMID, GALLERY_DIR, IMAGE_EXT, META_DIR,
                          QUERY_CAMID, QUERY_DIR, TEST_DIR, TEST_ID_DIGITS, TRAIN_DIR)
 from ..errors import UserError
 from .render import render_person

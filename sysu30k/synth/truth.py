@@ -8,7 +8,7 @@ import io
 
 from .. import manifests
 from ..errors import UserError
-from ..storage import Storage
+from ..io.storage import Storage
 
 
 def read_truth(truth_csv: str, dst_url: str, storage_options: dict | None = None) -> dict[str, tuple[int, int]]:

@@ -16,16 +16,15 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from . import manifests
+from .. import manifests
+from ..manifests import PARTS_DIR, SHARD_DIR
 from .imageproc import ImageOptions, Rejected, prepare
 from .plan import read_shard_rows, rows_digest, shard_name
-from .retry import RetryPolicy
-from .storage import Storage
+from ..io.retry import RetryPolicy
+from ..io.storage import Storage
 from .tarpack import ShardWriter
-from .tuning import tune_malloc
+from ..io.tuning import tune_malloc
 
-SHARD_DIR = "shards"
-PARTS_DIR = "_parts"
 
 
 READ_CHUNK = 128                     # source objects fetched per batch (concurrently on object stores)

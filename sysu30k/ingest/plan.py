@@ -19,13 +19,13 @@ from typing import Callable
 
 import pyarrow as pa
 
-from . import manifests
-from .bags import Bag, consecutive_bags, parse_bag_json
-from .constants import BAG_LABEL_JSON
+from .. import manifests
+from ..manifests import PLAN_DIR
+from ..release.bags import Bag, consecutive_bags, parse_bag_json
+from ..release.constants import BAG_LABEL_JSON
 from .layout import LayoutReject, SourceImage, SubsetReport, train_folders, walk_subset
-from .storage import Storage
+from ..io.storage import Storage
 
-PLAN_DIR = "_plan"
 PLAN_VERSION = 2
 PLAN_SCHEMA = pa.schema([
     ("key", pa.string()), ("path", pa.string()), ("folder", pa.int32()), ("pid", pa.int32()),

@@ -14,12 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import manifests
-from .packer import PARTS_DIR, ShardStats
-from .plan import PLAN_DIR
-from .storage import Storage
+from .. import manifests
+from ..manifests import PARTS_DIR, PLAN_DIR, SUMMARY
+from .packer import ShardStats
+from ..io.storage import Storage
 
-SUMMARY = "manifests/summary.json"
 SHARD_TABLES = ("images", "bags", "shards", "rejects")   # the manifests `sysu30k shard` writes
 SUMMARY_VERSION = 1
 

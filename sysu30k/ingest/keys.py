@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .constants import KEY_MAX_LEN
+from ..release.constants import KEY_MAX_LEN
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _HASH_LEN = 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .loader import Batch, BagSpec
+from . import Batch, BagSpec
 
 _LABEL_W = 150
 

@@ -11,7 +11,7 @@ import hashlib
 import tarfile
 from typing import IO
 
-from .constants import IMAGE_EXT
+from ..release.constants import IMAGE_EXT
 
 TAR_MTIME = 0
 TAR_MODE = 0o444

@@ -7,7 +7,7 @@ variables and config files; ``options`` passes anything else to the filesystem.
 Writes are atomic. Locally a file is written under a hidden temporary name and renamed into place; on an
 object store it is spooled to a local temporary file and uploaded in one PUT (multipart for large files),
 which the store makes visible only once complete. Remote operations are retried on transient faults
-(:mod:`sysu30k.retry`); a permanent fault raises :class:`StorageError`, a one-line user error naming the URL.
+(:mod:`sysu30k.io.retry`); a permanent fault raises :class:`StorageError`, a one-line user error naming the URL.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from ..errors import UserError
 from .retry import RetryPolicy, is_transient, retry
 
 TMP_MARK = ".tmp-"

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 
-from . import manifests
-from .errors import UserError
-from .loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
+from .. import manifests
+from ..errors import UserError
+from ..loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
 from .loop import LossFn, RunOptions, Session, param_groups, parallel, run_epochs, start_process
 from .losses import METHODS, LossWeights, method_loss
-from .model import ModelConfig, build_model
-from .storage import Storage
+from ..model.network import ModelConfig, build_model
+from ..io.storage import Storage
 
 log = logging.getLogger("sysu30k")
 FORMAT = "sysu30k-train-weak/1"

@@ -6,7 +6,7 @@ batches, cross-entropy + batch-hard triplet (§1). Stage ``adapt``: from a sourc
 distance with the source term per view → DBSCAN (eps fixed at iteration 0) → drop images that are
 outliers in any view → train ``epochs_per_iteration`` epochs with the four triplet terms} (§2), with
 SSG++'s second, one-label-per-cluster stream from ``plus_from`` on (§3, :mod:`.plus`). Checkpoints,
-resume, logs and validation are the shared loop of :mod:`sysu30k.loop`; the clustering state of the
+resume, logs and validation are the shared loop of :mod:`sysu30k.train.loop`; the clustering state of the
 current iteration travels in each checkpoint, so a resumed run re-clusters nothing it had clustered.
 """
 
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint
-from ..errors import UserError
-from ..evaluation.features import extract_features
-from ..loader import EvalLoader, GroupLoader, GroupSpec, LoaderOptions, TransformSpec
-from ..loader.catalog import load_catalog
+from ...model import checkpoint
+from ...errors import UserError
+from ...evaluation.features import extract_features
+from ...loader import EvalLoader, GroupLoader, GroupSpec, LoaderOptions, TransformSpec
+from ...loader.catalog import load_catalog
 from ..loop import RunOptions, Session, param_groups, parallel, run_epochs, start_process
-from ..model import ModelConfig, build_model
-from ..split import excluded_folders
-from ..storage import Storage
+from ...model.network import ModelConfig, build_model
+from ...split.holdout import excluded_folders
+from ...io.storage import Storage
 from .losses import MINING, source_loss, ssg_loss
 from .quality import clustering_quality
 

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .compat import import_torchvision
-from .errors import UserError
+from ..io.compat import import_torchvision
+from ..errors import UserError
 
 ARCHS = ("resnet50", "resnet18")
 HEADS = ("bnneck", "ssg")

@@ -9,7 +9,7 @@ line what is wrong, and carries the exact number of offenders with up to :data:`
 under a different camera; distractors never share an identity with a query; no key in both roles.
 
 The checks are exact on any frame that holds *every* row of each identity they look at, which is what
-:func:`sysu30k.split` feeds them from Dask: all queries, all non-distractor gallery rows, distractors
+:func:`sysu30k.split.build` feeds them from Dask: all queries, all non-distractor gallery rows, distractors
 whose pid is not the distractor label, and every row of a duplicated key (ordinary distractors cannot
 break any invariant once the queries are known to carry real identities).
 """
@@ -22,10 +22,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .constants import DISTRACTOR_PID
+from ..release.constants import DISTRACTOR_PID
 
 EXAMPLES = 10
-_NORMALISED = "sysu30k.split_checks.normalised"
+_NORMALISED = "sysu30k.split.checks.normalised"
 SPLIT_COLUMNS = ("role", "key", "pid", "camid", "distractor", "path")
 
 #: invariant name -> what it means (also the order findings are reported in)

@@ -17,8 +17,8 @@ import logging
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..loader import GroupLoader, GroupSpec, LoaderOptions, TransformSpec
+from ...errors import UserError
+from ...loader import GroupLoader, GroupSpec, LoaderOptions, TransformSpec
 from ..loop import Session
 from .losses import view_triplet
 

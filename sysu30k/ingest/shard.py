@@ -18,17 +18,18 @@ from typing import Any, Callable, Iterator
 import fsspec
 import pyarrow as pa
 
-from .constants import SUBSETS
-from .errors import UserError
+from ..release.constants import SUBSETS
+from ..errors import UserError
 from .imageproc import VERIFY_MODES, ImageOptions
 from .layout import present_subsets
-from .packer import PARTS_DIR, SHARD_DIR, ShardStats, ShardTask, is_complete, pack_shard, start_worker
-from .plan import (PLAN_DIR, ShardingOptions, load_plan, load_run, make_plan, planned_shards, run_record, shard_name,
+from ..manifests import PARTS_DIR, PLAN_DIR, SHARD_DIR, SUMMARY
+from .packer import ShardStats, ShardTask, is_complete, pack_shard, start_worker
+from .plan import (ShardingOptions, load_plan, load_run, make_plan, planned_shards, run_record, shard_name,
                    start_plan)
-from .retry import RetryPolicy
-from .progress import progress
-from .publish import SUMMARY, load_summary, publish
-from .storage import Storage
+from ..io.retry import RetryPolicy
+from ..io.progress import progress
+from .publish import load_summary, publish
+from ..io.storage import Storage
 
 log = logging.getLogger("sysu30k")
 OUTPUT_DIRS = (SHARD_DIR, PARTS_DIR, PLAN_DIR, "manifests")

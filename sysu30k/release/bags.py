@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .constants import BAG_WINDOWS, TRAIN_FOLDER_DIGITS
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..errors import UserError
+from ...errors import UserError
 
 log = logging.getLogger("sysu30k")
 

@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
-from .errors import UserError
-from .progress import progress
+from ..model import checkpoint
+from ..errors import UserError
+from ..io.progress import progress
 
 log = logging.getLogger("sysu30k")
 EXIT_ON_SIGTERM = 143
@@ -247,7 +247,7 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
 
 def _validate(s: Session) -> dict | None:
     """Rank-1 and both mAPs on the val split, or None when DST has no val split."""
-    from .evaluation.run import evaluate_split
+    from ..evaluation.run import evaluate_split
 
     s.model.eval()
     try:

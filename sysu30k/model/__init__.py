@@ -1,0 +1,10 @@
+"""The ReID networks and their checkpoint files: built by the trainers, rebuilt by the evaluator.
+
+``network`` builds a model from its :class:`ModelConfig`; ``checkpoint`` writes and reads checkpoints
+(tensors and plain data only, ``weights_only=True``). Sits below both ``sysu30k.train`` and
+``sysu30k.evaluation``, so the evaluator never imports the trainer. May import ``sysu30k.io``.
+"""
+
+from .network import ARCHS, HEADS, ModelConfig, build_model
+
+__all__ = ["ARCHS", "HEADS", "ModelConfig", "build_model"]
