@@ -114,11 +114,11 @@ def child(args) -> None:
     """Train one method on one DST, score it on the test split, and write a JSON record."""
     import torch
 
-    from sysu30k.model.network import checkpoint
-    from sysu30k.train.losses import LossWeights
-    from sysu30k.model.network import ModelConfig, build_model
-    from sysu30k.train.weak import RunOptions, TrainConfig, train
     from sysu30k.evaluation.run import evaluate_split
+    from sysu30k.model.config import ModelConfig
+    from sysu30k.model.network import build_model, checkpoint
+    from sysu30k.train.config import LossWeights, RunOptions, TrainConfig
+    from sysu30k.train.weak import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     dst, run_dir = Path(args.dst), Path(args.run_dir)
@@ -314,8 +314,7 @@ def main() -> None:
             return {"seed": seed, "method": method, "failed": "no result"}
         rec = json.loads(res.read_text())
         if args.rediag:
-            from sysu30k.model.network import checkpoint
-            from sysu30k.model.network import build_model
+            from sysu30k.model.network import build_model, checkpoint
             state = checkpoint.load(runs / f"s{seed}-{method}" / "last.pt")
             model = build_model(state["config"]["model"])
             model.load_state_dict(state["model"])

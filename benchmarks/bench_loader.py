@@ -187,9 +187,10 @@ def prepare(args) -> tuple[Path, list[str], dict]:
     dst = (out / f"dst-n{n}-s{size}").resolve()
     ensure(dst, [sysu30k_exe(), "shard", str(tree), str(dst), "--resize", "144", "--shard-size", size,
                  "--workers", "2"], resumable=True)
-    from sysu30k.loader.catalog import load_catalog
     from sysu30k.manifests import SHARD_DIR
+
     from sysu30k.io.storage import Storage
+    from sysu30k.loader.catalog import load_catalog
 
     catalog = load_catalog(Storage(str(dst)), "train")
     urls = [str(dst / SHARD_DIR / f"{e.shard}.tar") for e in catalog]

@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 
 import fsspec
-from fsspec import AbstractFileSystem
-
 from common import machine, package_digest  # noqa: E402  (benchmarks/common.py)
+from fsspec import AbstractFileSystem
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,6 +173,7 @@ def write_meta(path: Path, shape: dict) -> None:
 def _list_cutter_class():
     """The baseline: a drop-in for plan._ShardCutter that keeps every row in a list of tuples until close."""
     import pyarrow as pa
+
     from sysu30k.ingest.plan import PLAN_SCHEMA, rows_digest, shard_name, shard_rows_path, tar_bytes
 
     class ListCutter:
@@ -212,9 +212,9 @@ def child_main(spec: dict) -> None:
     SynthListFS.shape = spec["shape"]
     SynthListFS.meta_file = spec.get("meta_file")
     from sysu30k.ingest import plan as plan_mod
-    from sysu30k.release.constants import SUBSETS
     from sysu30k.ingest.layout import subset_root
     from sysu30k.io.storage import Storage
+    from sysu30k.release.constants import SUBSETS
 
     src = Storage(f"synthlist://{SynthListFS.ROOT}")
     dst = Storage(spec["dst"])

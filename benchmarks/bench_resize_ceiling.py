@@ -31,9 +31,9 @@ import time
 import types
 from pathlib import Path
 
+from common import ROOT, machine  # noqa: E402  (benchmarks/common.py)
 from PIL import Image
 
-from common import ROOT, machine  # noqa: E402  (benchmarks/common.py)
 from sysu30k.ingest import imageproc
 from sysu30k.io.tuning import tune_malloc
 
@@ -55,13 +55,19 @@ def ours(datas: list[bytes], module: types.ModuleType = imageproc) -> None:
 
 
 def imageproc_at(rev: str):
-    """``sysu30k/imageproc.py`` as it was at git revision ``rev``, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:sysu30k/imageproc.py"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
+    """The image module (``sysu30k/ingest/imageproc.py``, before the stage packages ``sysu30k/imageproc.py``) as it
+    was at git revision ``rev``, imported as a module of its own; its relative imports resolve in this tree."""
+    for path, package in (("sysu30k/ingest/imageproc.py", "sysu30k.ingest"), ("sysu30k/imageproc.py", "sysu30k")):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no imageproc module at {rev}")
     name = f"imageproc_at_{rev}"
     module = types.ModuleType(name)
+    module.__package__ = package
     sys.modules[name] = module          # dataclasses look their module up while the class is created
-    exec(compile(source, f"{rev}:sysu30k/imageproc.py", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 
 

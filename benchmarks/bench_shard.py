@@ -121,9 +121,8 @@ def run_base_pil(src: str, dst: str, long_side: int = 144) -> dict:
 
 def run_ours(src: str, dst: str, verify: str, resize: int | None, workers: int, shard_mb: int | None) -> dict:
     import sysu30k.ingest.shard as shard_mod
-    from sysu30k.ingest.imageproc import ImageOptions
-    from sysu30k.ingest.plan import ShardingOptions
-    from sysu30k.ingest.shard import ShardJob, run_shard
+    from sysu30k.ingest.config import ImageOptions, ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
 
     shares = {"plan_s": 0.0, "publish_s": 0.0}
 

@@ -40,7 +40,8 @@ def child(what: str, src: str, work: str) -> None:
     gives)."""
     import pyarrow as pa
 
-    from sysu30k.ingest.imageproc import ImageOptions, prepare
+    from sysu30k.ingest.config import ImageOptions
+    from sysu30k.ingest.imageproc import prepare
     from sysu30k.io.tuning import tune_malloc
 
     tune_malloc()
@@ -50,8 +51,8 @@ def child(what: str, src: str, work: str) -> None:
         for p in sorted(Path(src, "sysu_train_set_all").rglob("*.jpg")):
             prepare(p.read_bytes(), opts)
         return
-    from sysu30k.ingest.plan import ShardingOptions
-    from sysu30k.ingest.shard import ShardJob, run_shard
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
 
     run_shard(src, str(Path(work, "dst")), workers=1, show_progress=False,
               job=ShardJob(sharding=ShardingOptions(shard_size=4 * 10**6), image=opts, subsets=("train",)))

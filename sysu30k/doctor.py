@@ -26,9 +26,8 @@ def _version(dist: str) -> str | None:
 
 
 def _pillow() -> list[Check]:
-    from PIL import features
-
     import PIL
+    from PIL import features
 
     simd = "post" in PIL.__version__
     return [

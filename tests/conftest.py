@@ -16,7 +16,8 @@ TINY = dict(folders=8, images_per_folder=6, test_ids=5, distractors=12, height=1
 @pytest.fixture(scope="session")
 def tiny_tree(tmp_path_factory) -> Path:
     """A read-only synthetic tree (copy it before changing anything)."""
-    from sysu30k.synth import SynthConfig, write_synth
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("synth") / "tiny"
     write_synth(str(root), SynthConfig(**TINY))

@@ -16,8 +16,8 @@ from PIL import Image
 
 from sysu30k import manifests
 from sysu30k.cli import cli
-from sysu30k.release.constants import DISTRACTOR_PID
 from sysu30k.evaluation import read_features, score, write_features
+from sysu30k.release.constants import DISTRACTOR_PID
 
 
 def make_features(rng, nq=12, ng=80, d=16):
@@ -187,8 +187,8 @@ def test_user_errors(feats, monkeypatch):
 
 @pytest.fixture(scope="module")
 def packed_split(tiny_tree, tmp_path_factory):
-    from sysu30k.ingest.plan import ShardingOptions
-    from sysu30k.ingest.shard import ShardJob, run_shard
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
     from sysu30k.split.build import build_splits
 
     dst = tmp_path_factory.mktemp("evaldst") / "dst"
@@ -198,7 +198,8 @@ def packed_split(tiny_tree, tmp_path_factory):
 
 
 def test_checkpoint_end_to_end(packed_split, tmp_path):
-    from sysu30k.model.network import ModelConfig, build_model
+    from sysu30k.model.config import ModelConfig
+    from sysu30k.model.network import build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=32)
@@ -235,7 +236,8 @@ def test_checkpoint_end_to_end(packed_split, tmp_path):
 
 def test_evaluate_split_is_the_trainers_validation(packed_split, tmp_path):
     from sysu30k.evaluation.run import evaluate_split
-    from sysu30k.model.network import ModelConfig, build_model
+    from sysu30k.model.config import ModelConfig
+    from sysu30k.model.network import build_model
 
     torch.manual_seed(1)
     cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=16)

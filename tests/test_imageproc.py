@@ -2,12 +2,13 @@
 
 import io
 
+import imagefiles as f
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import imagefiles as f
-from sysu30k.ingest.imageproc import ImageOptions, Rejected, prepare, target_size
+from sysu30k.ingest.config import ImageOptions
+from sysu30k.ingest.imageproc import Rejected, prepare, target_size
 
 FULL = ImageOptions()
 HEADER = ImageOptions(verify="header")

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from sysu30k import manifests
-from sysu30k.release.bags import bags_to_json, consecutive_bags, parse_bag_json
 from sysu30k.errors import UserError
 from sysu30k.ingest.keys import is_valid_key, make_key
+from sysu30k.release.bags import bags_to_json, consecutive_bags, parse_bag_json
 
 WEIRD = "ﬁlé näme. with spaces.and.dots " + "x" * 62 + ".v2"   # + ".jpg": 100 chars, dotted, spaced, non-ASCII
 

@@ -3,9 +3,9 @@
 import posixpath
 from pathlib import Path
 
+import imagefiles as f
 import pytest
 
-import imagefiles as f
 from sysu30k.errors import UserError
 from sysu30k.ingest.layout import LayoutReject, SourceImage, SubsetReport, _stem, present_subsets, walk_subset
 from sysu30k.io.storage import Storage

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from sysu30k.ingest.config import ShardingOptions, ShardJob
+from sysu30k.ingest.shard import run_shard
 from sysu30k.loader import BagSpec, EvalLoader, LoaderOptions, TrainLoader, TransformSpec
 from sysu30k.loader import loader as loader_module
 from sysu30k.loader.catalog import ShardEntries, assign_streams
 from sysu30k.loader.sampler import batches_for, plan_epoch
 from sysu30k.loader.transforms import draw_params
-from sysu30k.ingest.plan import ShardingOptions
-from sysu30k.ingest.shard import ShardJob, run_shard
 
 SPEC = BagSpec(bags=6, per_bag=5)                  # small batches: several per epoch on the test data
 SMALL = TransformSpec(height=64, width=32, pad=4)
@@ -23,7 +23,8 @@ SMALL = TransformSpec(height=64, width=32, pad=4)
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from sysu30k.synth import SynthConfig, write_synth
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("loader")
     write_synth(str(root / "raw"), SynthConfig(folders=24, images_per_folder=10, test_ids=6, distractors=10,

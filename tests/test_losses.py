@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from sysu30k.train.losses import (LossWeights, bag_classes, method_loss, pairwise_loss, pseudo_labels_argmax,
-                            pseudo_labels_balanced, unary_loss, weak_triplet_loss)
+from sysu30k.train.config import LossWeights
+from sysu30k.train.losses import (
+    bag_classes,
+    method_loss,
+    pairwise_loss,
+    pseudo_labels_argmax,
+    pseudo_labels_balanced,
+    unary_loss,
+    weak_triplet_loss,
+)
 
 
 def test_argmax_pseudo_labels_never_leave_the_bag_label_set():

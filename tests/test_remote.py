@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import s3fs
-
 from conftest import tree_digest
 from faultproxy import FaultProxy
+
 from sysu30k.errors import UserError
-from sysu30k.ingest.imageproc import ImageOptions
-from sysu30k.ingest.plan import ShardingOptions
+from sysu30k.ingest.config import ImageOptions, ShardingOptions, ShardJob
+from sysu30k.ingest.shard import run_shard
 from sysu30k.io.retry import RetryPolicy
-from sysu30k.ingest.shard import ShardJob, run_shard
 
 JOB = ShardJob(ShardingOptions(shard_count=4), ImageOptions(resize=100))
 CLI_JOB = ["--shard-count", "4", "--resize", "100"]
@@ -168,7 +167,8 @@ def dask_cluster():
 
 @pytest.fixture(scope="module")
 def bigger_tree(tmp_path_factory):
-    from sysu30k.synth import SynthConfig, write_synth
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("synth-big") / "tree"
     write_synth(str(root), SynthConfig(folders=30, images_per_folder=12, test_ids=10, distractors=40, height=288,

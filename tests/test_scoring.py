@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from sysu30k.release.constants import DISTRACTOR_PID
 from sysu30k.evaluation import scoring
 from sysu30k.evaluation.scoring import ap_from_ranks, score
-
+from sysu30k.release.constants import DISTRACTOR_PID
 
 # ----------------------------------------------------------------------------- the reference
 

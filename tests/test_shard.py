@@ -12,16 +12,16 @@ import tarfile
 import time
 from pathlib import Path
 
+import imagefiles as f
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import tree_digest
 from PIL import Image
 
-import imagefiles as f
-from conftest import tree_digest
 from sysu30k.cli import cli
-from sysu30k.ingest.plan import ShardingOptions
-from sysu30k.ingest.shard import ShardJob, run_shard
+from sysu30k.ingest.config import ShardingOptions, ShardJob
+from sysu30k.ingest.shard import run_shard
 
 SMALL = ShardJob(ShardingOptions(shard_count=10))
 

@@ -17,18 +17,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY
+from sysu30k.manifests import SPLIT_SUMMARY
 
 from sysu30k import manifests
-from sysu30k.release.constants import DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_TEST_IDS, QUERY_CAMID
 from sysu30k.errors import UserError
-from sysu30k.ingest.plan import ShardingOptions
-from sysu30k.ingest.shard import ShardJob, run_shard
-from sysu30k.manifests import SPLIT_SUMMARY
+from sysu30k.ingest.config import ShardingOptions, ShardJob
+from sysu30k.ingest.shard import run_shard
+from sysu30k.release.constants import DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_TEST_IDS, QUERY_CAMID
 from sysu30k.split.build import build_splits
-from sysu30k.split.holdout import GUARD, choose_holdout, excluded_folders, max_val_folders, training_bags
 from sysu30k.split.checks import EXAMPLES, check_counts, check_split
-
-from conftest import TINY
+from sysu30k.split.config import GUARD
+from sysu30k.split.holdout import choose_holdout, excluded_folders, max_val_folders, training_bags
 
 SMALL = ShardJob(ShardingOptions(shard_count=7))
 VAL_TREE = dict(folders=30, images_per_folder=6, test_ids=6, distractors=10, height=144, seed=4)
@@ -52,7 +52,8 @@ def packed(tiny_tree, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def val_packed(tmp_path_factory) -> Path:
-    from sysu30k.synth import SynthConfig, write_synth
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("split-val")
     write_synth(str(root / "src"), SynthConfig(**VAL_TREE))

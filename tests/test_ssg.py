@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from ddp import torchrun_cli
-from sysu30k.model.checkpoint import load
+
 from sysu30k.loader import GroupLoader, GroupSpec, LoaderOptions, TransformSpec
 from sysu30k.loader.groups import group_batches, plan_group_epoch
+from sysu30k.model.checkpoint import load
+from sysu30k.train.ssg.config import SSGConfig
 from sysu30k.train.ssg.losses import batch_hard_triplet, block_triplet, source_loss, ssg_loss
 from sysu30k.train.ssg.plus import annotate
 from sysu30k.train.ssg.quality import clustering_quality
-from sysu30k.train.ssg.train import ExpDecay, SSGConfig, training_groups
+from sysu30k.train.ssg.train import ExpDecay, training_groups
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SMALL = ["--height", "64", "--width", "32", "--workers", "0", "--decoder", "pil", "--device", "cpu"]
@@ -128,9 +129,10 @@ def test_stage_defaults_and_the_source_schedule():
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
     """A labelled source and an unlabelled target in another style with other people, packed."""
-    from sysu30k.ingest.plan import ShardingOptions
-    from sysu30k.ingest.shard import ShardJob, run_shard
-    from sysu30k.synth import SynthConfig, write_synth
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("ssg")
     for name, style, offset, seed in (("src", 0, 0, 1), ("tgt", 1, 5000, 2)):
@@ -230,8 +232,8 @@ def test_user_errors_are_one_line(domains, tmp_path):
 
 
 def test_group_loader_deals_batches_to_workers_and_resumes(domains):
-    from sysu30k.loader.catalog import load_catalog
     from sysu30k.io.storage import Storage
+    from sysu30k.loader.catalog import load_catalog
 
     keys = [k for e in load_catalog(Storage(str(domains / "tgt")), "train") for k in e.key]
     labels = {k: i % 5 for i, k in enumerate(keys)}
@@ -255,8 +257,8 @@ def test_ssg_plus_adds_a_labelled_stream_from_its_iteration(domains, tmp_path):
     extra = load(run / "last.pt")["extra"]
     labelled, targets, labels = extra["plus_labelled"], extra["plus_targets"], extra["labels"]
     assert sorted(labels[0, labelled].tolist()) == sorted(set(labels[0][labels[0] >= 0].tolist()))  # one per cluster
-    from sysu30k.loader.catalog import load_catalog
     from sysu30k.io.storage import Storage
+    from sysu30k.loader.catalog import load_catalog
 
     order = [k for e in load_catalog(Storage(str(domains / "tgt")), "train") for k in e.key]
     truth = read_truth(str(domains / "tgt-raw" / "truth.csv"), str(domains / "tgt"))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from ssg_reference import initial_rank, reference_distance, reference_eps, reference_labels, sq_dist
 
 import sysu30k.train.ssg.rerank as rr
-from ssg_reference import initial_rank, reference_distance, reference_eps, reference_labels, sq_dist
 from sysu30k.errors import UserError
 
 

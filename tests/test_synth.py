@@ -14,11 +14,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sysu30k.release.bags import consecutive_bags, parse_bag_json
-from sysu30k.release.constants import (BAG_LABEL_JSON, DISTRACTOR_FOLDER, GALLERY_DIR, META_DIR, QUERY_DIR, TEST_DIR,
-                               TRAIN_DIR)
 from sysu30k.errors import UserError
-from sysu30k.synth import SynthConfig, SynthSummary, render_person, write_synth
+from sysu30k.release.bags import consecutive_bags, parse_bag_json
+from sysu30k.release.constants import (
+    BAG_LABEL_JSON,
+    DISTRACTOR_FOLDER,
+    GALLERY_DIR,
+    META_DIR,
+    QUERY_DIR,
+    TEST_DIR,
+    TRAIN_DIR,
+)
+from sysu30k.synth import SynthSummary, render_person, write_synth
+from sysu30k.synth.config import SynthConfig
 
 SMALL = SynthConfig(folders=6, images_per_folder=5, test_ids=4, distractors=5, seed=3)
 TOP_LEVEL = {TRAIN_DIR, TEST_DIR, META_DIR, BAG_LABEL_JSON, "truth.csv", "synth.json"}

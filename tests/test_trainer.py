@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ddp import torchrun_cli
+
 from sysu30k.model.checkpoint import load
 from sysu30k.model.network import build_model
 
@@ -24,9 +24,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from sysu30k.ingest.plan import ShardingOptions
-    from sysu30k.ingest.shard import ShardJob, run_shard
-    from sysu30k.synth import SynthConfig, write_synth
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("train")
     write_synth(str(root / "raw"), SynthConfig(folders=8, images_per_folder=8, test_ids=4, distractors=6, seed=2,

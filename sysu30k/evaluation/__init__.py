@@ -1,7 +1,12 @@
 """Evaluation with the official SYSU-30k protocol: feature extraction and files, exact chunked scoring,
 reports (metrics.json, CMC and ranked-list PNGs, per-query Parquet), the ``sysu30k eval`` command's logic."""
 
-from .features import FeatureSet, extract_features, read_features, write_features
-from .scoring import Scores, ap_from_ranks, score
+from ..lazy import exports
 
-__all__ = ["FeatureSet", "Scores", "ap_from_ranks", "extract_features", "read_features", "score", "write_features"]
+_WHERE = {
+    "FeatureSet": "features", "Scores": "scoring", "ap_from_ranks": "scoring",
+    "extract_features": "features", "read_features": "features", "score": "scoring",
+    "write_features": "features"
+}
+__getattr__ = exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

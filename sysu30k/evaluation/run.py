@@ -14,39 +14,26 @@ import torch
 
 from .. import manifests
 from ..errors import UserError
+from ..io.device import resolve_device
 from ..io.storage import Storage
+from ..loader import EvalLoader, LoaderOptions, TransformSpec
+from ..model import build_model
 from ..model.checkpoint import load as load_checkpoint
+from .config import EvalOptions
 from .features import FeatureSet, extract_features, join_split, read_features, read_parquet, write_features
 from .reports import write_run
 from .scoring import auto_chunk, score
 
 log = logging.getLogger("sysu30k")
-SPLITS = ("test", "val")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: the GPU when present, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"--device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is available here")
-    return dev
-
-
 def evaluate_features(dst_url: str | None, query_features: str, gallery_features: str, out_dir: str,
-                      split: str = "test", device=None, chunk: int | None = None, show: tuple[str, ...] = (),
-                      worst: int = 6,
-                      storage_options: dict | None = None) -> dict:
+                      opts: EvalOptions = EvalOptions()) -> dict:
     """Score two feature files (table ``features``) with the official protocol; write the run folder.
 
     Files without pid/camid are joined on key with ``DST/manifests/split.parquet`` (rows of ``split``).
     Returns the metrics.json content.
     """
-    dst = Storage(dst_url, storage_options) if dst_url else None
+    split = opts.split
+    dst = Storage(dst_url, opts.storage_options) if dst_url else None
     sets = []
     for role, path in (("query", query_features), ("gallery", gallery_features)):
         fs = read_features(path)
@@ -59,38 +46,33 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
         sets.append(fs)
     meta = {"split": split, "dst": dst.url if dst else None, "query_features": str(query_features),
             "gallery_features": str(gallery_features), "label": Path(str(query_features)).stem}
-    return _score_and_write(sets[0], sets[1], out_dir, meta, dst_url, device, chunk, show, worst, storage_options)
+    return _score_and_write(sets[0], sets[1], out_dir, meta, dst_url, opts)
 
 
-def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str, device=None,
-                        chunk: int | None = None, batch: int = 128, workers: int = 2, flip: bool = True,
-                        normalize: bool = True, height: int | None = None, width: int | None = None,
-                        decoder: str = "auto",
-                        show: tuple[str, ...] = (), worst: int = 6, storage_options: dict | None = None,
+def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalOptions = EvalOptions(),
                         dtype: torch.dtype = torch.float32) -> dict:
     """Extract features of ``split`` with the model of ``checkpoint`` (cached in ``out_dir`` as
     ``features-<split>-<sha1[:12]>.parquet``), score them, write the run folder; returns metrics.json."""
-    if split not in SPLITS:
-        raise UserError(f"--split must be one of {', '.join(SPLITS)}")
+    split, flip, normalize = opts.split, opts.flip, opts.normalize
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
         raise UserError(f"no checkpoint at {checkpoint}")
-    dev = resolve_device(device)
+    dev = resolve_device(opts.device)
     ckpt = load_checkpoint(ckpt_path)
     trained = ckpt.get("config", {})                    # by default, extract at the size the model was trained at
-    height, width = height or trained.get("height", 256), width or trained.get("width", 128)
+    height, width = opts.height or trained.get("height", 256), opts.width or trained.get("width", 128)
     digest = _sha1(ckpt_path)[:12]
     cache_rel = f"features-{split}-{digest}.parquet"
     out = Storage(out_dir)
-    dst = Storage(dst_url, storage_options)
+    dst = Storage(dst_url, opts.storage_options)
     roles = split_roles(dst, split)
     settings = {"flip": str(flip), "normalize": str(normalize), "size": f"{height}x{width}"}
     if out.exists(cache_rel) and _cached_settings(out, cache_rel) == settings:
         log.info("features: cached %s", out.path(cache_rel))
         allf = read_features(cache_rel, out)
     else:
-        allf = extract_split(_model(ckpt, ckpt_path, dev), dst_url, split, roles, dev, batch, workers, flip,
-                             normalize, height, width, decoder, storage_options, dtype)
+        allf = extract_split(_model(ckpt, ckpt_path, dev), dst_url, split, roles, dev, opts.batch, opts.workers, flip,
+                             normalize, height, width, opts.decoder, opts.storage_options, dtype)
         write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out,
                        metadata={"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split,
                                  **settings})
@@ -98,18 +80,18 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, split: str, out_dir: str,
     q, g = by_role(allf, roles)
     meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
             "features": cache_rel, "flip": flip, "normalize": normalize, "label": ckpt_path.stem}
-    return _score_and_write(q, g, out_dir, meta, dst_url, dev, chunk, show, worst, storage_options)
+    return _score_and_write(q, g, out_dir, meta, dst_url, opts)
 
 
-def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, device, chunk, show, worst,
-                     storage_options) -> dict:
-    dev = resolve_device(device)
-    chunk = chunk or auto_chunk(len(q), len(g), dev)
+def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts: EvalOptions) -> dict:
+    dev = resolve_device(opts.device)
+    chunk = opts.chunk or auto_chunk(len(q), len(g), dev)
     t0 = time.perf_counter()
     s = score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, query_keys=q.keys, gallery_keys=g.keys,
               chunk=chunk, device=dev)
     meta = {**meta, "device": str(dev), "chunk": chunk}
-    metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=show, worst=worst, storage_options=storage_options)
+    metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=opts.show, worst=opts.worst,
+                        storage_options=opts.storage_options)
     log.info("scored %d queries against %d gallery images in %.1f s", len(q), len(g), time.perf_counter() - t0)
     return metrics
 
@@ -157,8 +139,6 @@ def split_roles(dst: Storage, split: str, required: bool = True) -> dict | None:
 
 def _model(ckpt: dict, ckpt_path, dev: torch.device) -> torch.nn.Module:
     """The checkpoint's network, in eval mode on ``dev``."""
-    from ..model.network import build_model          # lazily: the model module is the trainer's
-
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["model"])
@@ -173,8 +153,6 @@ def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict,
                   dtype: torch.dtype = torch.float32) -> FeatureSet:
     """Features of every query and gallery image of ``split`` (val images live in the training shards),
     in role order; images that cannot be read are left out with a warning."""
-    from ..loader import EvalLoader, LoaderOptions, TransformSpec
-
     options = LoaderOptions(decoder=decoder, workers=workers, storage_options=storage_options or {})
     spec = TransformSpec(height=height, width=width, train=False)
     got: dict[str, torch.Tensor] = {}
@@ -195,14 +173,14 @@ def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict,
 
 def evaluate_split(model: torch.nn.Module, dst_url: str, split: str, device: torch.device, height: int = 256,
                    width: int = 128, batch: int = 128, workers: int = 2, storage_options: dict | None = None,
-                   flip: bool = True) -> dict | None:
+                   flip: bool = True, decoder: str = "auto") -> dict | None:
     """The summary metrics (rank-1/5/10/20, both mAPs) of ``model`` on ``split`` of DST, or None when DST
     has no such split: the trainer's per-epoch validation. Writes nothing."""
     roles = split_roles(Storage(dst_url, storage_options), split, required=False)
     if roles is None or not roles["query"]:
         return None
     q, g = by_role(extract_split(model, dst_url, split, roles, device, batch, workers, flip, height=height,
-                                 width=width, storage_options=storage_options), roles)
+                                 width=width, decoder=decoder, storage_options=storage_options), roles)
     return score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, query_keys=q.keys, gallery_keys=g.keys,
                  device=device).summary()
 

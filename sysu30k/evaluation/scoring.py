@@ -42,8 +42,8 @@ import pyarrow as pa
 import torch
 
 from .. import manifests
-from ..release.constants import DISTRACTOR_PID
 from ..errors import UserError
+from ..release.constants import DISTRACTOR_PID
 
 log = logging.getLogger("sysu30k")
 

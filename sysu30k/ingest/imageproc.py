@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-VERIFY_MODES = ("full", "header")
+from .config import ImageOptions
+
 _ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}            # EXIF orientations that rotate by 90 degrees
 _JPEG_EOI = b"\xff\xd9"
@@ -36,16 +36,6 @@ class Prepared(NamedTuple):
     data: bytes
     width: int
     height: int
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How images are checked and transformed (the shard command's --verify/--resize/--quality/--max-pixels)."""
-
-    verify: str = "full"               # full: decode every image; header: parse headers, check the JPEG end marker
-    resize: int | None = None          # long side in pixels (never upscaled); None keeps the size
-    quality: int = 95                  # JPEG quality when an image has to be re-encoded
-    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def target_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:

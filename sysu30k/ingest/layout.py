@@ -17,11 +17,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ..release.constants import (DISTRACTOR_FOLDER, DISTRACTOR_PID, GALLERY_DIR, META_DIR, QUERY_DIR, SUBSETS,
-                        TEST_DIR, TRAIN_DIR)
 from ..errors import UserError
-from .keys import make_key
 from ..io.storage import Entry, Storage
+from ..release.constants import (
+    DISTRACTOR_FOLDER,
+    DISTRACTOR_PID,
+    GALLERY_DIR,
+    META_DIR,
+    QUERY_DIR,
+    SUBSETS,
+    TEST_DIR,
+    TRAIN_DIR,
+)
+from .keys import make_key
 
 TEST_NAME = re.compile(r"^(?P<id>\d+|0000others)_c(?P<cam>\d+)_(?P<k>\d+)\.jpe?g$", re.IGNORECASE)
 _EXAMPLES = 5

@@ -17,15 +17,14 @@ from typing import Iterator
 import pyarrow as pa
 
 from .. import manifests
-from ..manifests import PARTS_DIR, SHARD_DIR
-from .imageproc import ImageOptions, Rejected, prepare
-from .plan import read_shard_rows, rows_digest, shard_name
 from ..io.retry import RetryPolicy
 from ..io.storage import Storage
-from .tarpack import ShardWriter
 from ..io.tuning import tune_malloc
-
-
+from ..manifests import PARTS_DIR, SHARD_DIR
+from .config import ImageOptions
+from .imageproc import Rejected, prepare
+from .plan import read_shard_rows, rows_digest, shard_name
+from .tarpack import ShardWriter
 
 READ_CHUNK = 128                     # source objects fetched per batch (concurrently on object stores)
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
 
 from .. import manifests
+from ..io.storage import Storage
 from ..manifests import PLAN_DIR
 from ..release.bags import Bag, consecutive_bags, parse_bag_json
 from ..release.constants import BAG_LABEL_JSON
+from .config import ShardingOptions
 from .layout import LayoutReject, SourceImage, SubsetReport, train_folders, walk_subset
-from ..io.storage import Storage
 
 PLAN_VERSION = 2
 PLAN_SCHEMA = pa.schema([
@@ -33,14 +33,6 @@ PLAN_SCHEMA = pa.schema([
 ])
 _BLOCK = 512
 _BATCH = 65_536   # rows buffered before they are handed to Arrow
-
-
-@dataclass(frozen=True)
-class ShardingOptions:
-    """Where shards are cut: at most ``shard_count`` images and about ``shard_size`` bytes of tar."""
-
-    shard_size: int = 256 * 10**6
-    shard_count: int = 100_000
 
 
 def shard_name(subset: str, index: int) -> str:

@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import manifests
+from ..io.storage import Storage
 from ..manifests import PARTS_DIR, PLAN_DIR, SUMMARY
 from .packer import ShardStats
-from ..io.storage import Storage
 
 SHARD_TABLES = ("images", "bags", "shards", "rejects")   # the manifests `sysu30k shard` writes
 SUMMARY_VERSION = 1

@@ -12,55 +12,26 @@ import logging
 import multiprocessing
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
 
-from ..release.constants import SUBSETS
 from ..errors import UserError
-from .imageproc import VERIFY_MODES, ImageOptions
-from .layout import present_subsets
-from ..manifests import PARTS_DIR, PLAN_DIR, SHARD_DIR, SUMMARY
-from .packer import ShardStats, ShardTask, is_complete, pack_shard, start_worker
-from .plan import (ShardingOptions, load_plan, load_run, make_plan, planned_shards, run_record, shard_name,
-                   start_plan)
-from ..io.retry import RetryPolicy
 from ..io.progress import progress
-from .publish import load_summary, publish
+from ..io.retry import RetryPolicy
 from ..io.storage import Storage
+from ..manifests import PARTS_DIR, PLAN_DIR, SHARD_DIR, SUMMARY
+from .config import ShardJob, ShardRun
+from .layout import present_subsets
+from .packer import ShardStats, ShardTask, is_complete, pack_shard, start_worker
+from .plan import load_plan, load_run, make_plan, planned_shards, run_record, shard_name, start_plan
+from .publish import load_summary, publish
 
 log = logging.getLogger("sysu30k")
 OUTPUT_DIRS = (SHARD_DIR, PARTS_DIR, PLAN_DIR, "manifests")
 SCHEDULER_TIMEOUT = "20s"             # how long to wait for an existing Dask scheduler to answer
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """What to pack and how: the options that decide the output bytes."""
-
-    sharding: ShardingOptions = field(default_factory=ShardingOptions)
-    image: ImageOptions = field(default_factory=ImageOptions)
-    subsets: tuple[str, ...] = SUBSETS
-
-    def settings(self) -> dict:
-        """The options as plain data, recorded in the plan and compared on resume."""
-        return {"sharding": asdict(self.sharding), "image": asdict(self.image), "subsets": list(self.subsets)}
-
-    def check(self) -> None:
-        """Raise UserError for options that cannot work."""
-        if self.image.verify not in VERIFY_MODES:
-            raise UserError(f"--verify must be one of {', '.join(VERIFY_MODES)}")
-        if self.image.resize is not None and self.image.resize < 8:
-            raise UserError("--resize must be at least 8 pixels")
-        if not 1 <= self.image.quality <= 100:
-            raise UserError("--quality must be between 1 and 100")
-        if self.sharding.shard_count < 1 or self.sharding.shard_size < 1024:
-            raise UserError("--shard-count must be >= 1 and --shard-size >= 1 KiB")
-        unknown = set(self.subsets) - set(SUBSETS)
-        if unknown or not self.subsets:
-            raise UserError(f"--subsets takes a comma-separated choice of {', '.join(SUBSETS)}")
 
 
 class Runner:
@@ -155,7 +126,7 @@ def _options_for(url: str, options: dict) -> dict:
     return {} if protocol in (None, "file", "local") else options
 
 
-def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: int = 1,
+def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: int = ShardRun.workers,
               overwrite: bool = False, show_progress: bool = True, storage_options: dict | None = None,
               scheduler: str | None = None, retry: RetryPolicy = RetryPolicy()) -> dict:
     """Pack SRC into shards and manifests under DST; resumes a previous run. Returns the summary.

@@ -1,9 +1,11 @@
 """Data loading: bag-structured or identity-sampled training batches and ordered evaluation batches from packed shards."""
 
-from .groups import GroupSpec
-from .loader import DECODERS, Batch, EvalLoader, GroupLoader, LoaderOptions, TrainLoader, resolve_decoder
-from .sampler import BagSpec
-from .transforms import TransformSpec
+from ..lazy import exports
 
-__all__ = ["DECODERS", "Batch", "BagSpec", "EvalLoader", "GroupLoader", "GroupSpec", "LoaderOptions", "TrainLoader", "TransformSpec",
-           "resolve_decoder"]
+_WHERE = {
+    "BagSpec": "sampler", "Batch": "loader", "DECODERS": "config", "EvalLoader": "loader",
+    "GroupLoader": "loader", "GroupSpec": "groups", "LoaderOptions": "loader", "TrainLoader": "loader",
+    "TransformSpec": "transforms", "decoder_field": "config", "resolve_decoder": "loader"
+}
+__getattr__ = exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

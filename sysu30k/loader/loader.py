@@ -23,6 +23,7 @@ from ..io.tuning import tune_malloc
 from ..split.holdout import excluded_folders
 from . import decode_pil
 from .catalog import ShardEntries, assign_streams, load_catalog
+from .config import DECODERS, decoder_field
 from .groups import GroupSpec, group_batches, plan_group_epoch
 from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
@@ -30,10 +31,6 @@ from .slots import SlotPool
 from .transforms import AugParams, TransformSpec, draw_params, normalize_, place
 
 log = logging.getLogger("sysu30k")
-DECODERS = ("auto", "pil", "dali")
-PREFETCH = 2          # batches each DataLoader worker keeps ready
-
-
 @dataclass
 class Batch:
     """One batch. ``images`` is uint8 [N,3,H,W] (channels-last memory) until :meth:`to` normalises it."""
@@ -64,12 +61,14 @@ class Batch:
                  for k, v in self.__dict__.items() if k not in ("images", "flipped")}
         return Batch(images=norm(self.images), flipped=norm(self.flipped), **moved)
 
+PREFETCH = 2          # batches each DataLoader worker keeps ready
+
 
 @dataclass(frozen=True)
 class LoaderOptions:
     """How to read: decoder, processes, prefetching, the DDP position, storage options."""
 
-    decoder: str = "auto"
+    decoder: str = decoder_field()
     workers: int = 2
     prefetch_shards: int = 2
     cache_dir: str | None = None

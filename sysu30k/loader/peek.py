@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import Batch, BagSpec
+from . import BagSpec, Batch
 
 _LABEL_W = 150
 

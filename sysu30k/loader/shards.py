@@ -13,8 +13,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..manifests import SHARD_DIR
 from ..io.storage import Storage
+from ..manifests import SHARD_DIR
 
 
 class ShardReader:

@@ -5,6 +5,10 @@
 ``sysu30k.evaluation``, so the evaluator never imports the trainer. May import ``sysu30k.io``.
 """
 
-from .network import ARCHS, HEADS, ModelConfig, build_model
+from ..lazy import exports
 
-__all__ = ["ARCHS", "HEADS", "ModelConfig", "build_model"]
+_WHERE = {
+    "ARCHS": "config", "HEADS": "config", "ModelConfig": "config", "build_model": "network"
+}
+__getattr__ = exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

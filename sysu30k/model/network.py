@@ -13,30 +13,12 @@ reads Dropout(0.1)(emb). In eval mode it returns cat(f_g, f_up, f_low), SSG's 61
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
-from ..io.compat import import_torchvision
 from ..errors import UserError
-
-ARCHS = ("resnet50", "resnet18")
-HEADS = ("bnneck", "ssg")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What to build; stored in every checkpoint so it can be rebuilt without the command line."""
-
-    arch: str = "resnet50"
-    num_classes: int = 28_310
-    embedding: int = 2048
-    pretrained: str | None = None          # a local torchvision state_dict file (ImageNet weights)
-    head: str = "bnneck"                   # bnneck (train-weak) or ssg (train-ssg: global + part features)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ..io.compat import import_torchvision
+from .config import ARCHS, HEADS, ModelConfig
 
 
 class ReIDNet(nn.Module):

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .constants import BAG_WINDOWS, TRAIN_FOLDER_DIGITS
 from ..errors import UserError
+from .constants import BAG_WINDOWS, TRAIN_FOLDER_DIGITS
 
 
 @dataclass(frozen=True)

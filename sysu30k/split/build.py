@@ -69,14 +69,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import manifests
-from ..manifests import SPLIT_SUMMARY
-from ..release.constants import (DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_GALLERY, OFFICIAL_QUERIES, OFFICIAL_TEST_IDS,
-                        QUERY_CAMID)
 from ..errors import UserError
 from ..ingest.publish import load_summary
-from .checks import Finding, check_counts, check_split
-from .holdout import GUARD, VAL_BLOCK, Holdout, bag_counts, choose_holdout
 from ..io.storage import Storage
+from ..manifests import SPLIT_SUMMARY
+from ..release.constants import (
+    DISTRACTOR_PID,
+    GALLERY_CAMID,
+    OFFICIAL_GALLERY,
+    OFFICIAL_QUERIES,
+    OFFICIAL_TEST_IDS,
+    QUERY_CAMID,
+)
+from .checks import Finding, check_counts, check_split
+from .config import GUARD, SplitOptions
+from .holdout import Holdout, bag_counts, choose_holdout
 
 log = logging.getLogger("sysu30k")
 
@@ -379,9 +386,15 @@ def _build_val(run: _Runner, dd, src: _Source, groups: list[_Group], holdout: Ho
 
 # ----------------------------------------------------------------------------- the whole command
 
-def build_splits(dst_url: str, val_folders: int = 0, seed: int = 0, scheduler: str | None = None,
-                 strict: bool = False, expected="auto", val_block: int = VAL_BLOCK,
-                 val_distractors: float = 0.5, workers: int = 2, storage_options: dict | None = None) -> dict:
+
+
+_D = SplitOptions          # the defaults of build_splits are the declarations of the options
+
+
+def build_splits(dst_url: str, val_folders: int = _D.val_folders, seed: int = _D.seed, scheduler: str | None = None,
+                 strict: bool = _D.strict, expected=_D.expected, val_block: int = _D.val_block,
+                 val_distractors: float = _D.val_distractors, workers: int = _D.workers,
+                 storage_options: dict | None = None) -> dict:
     """Build the test (and, with ``val_folders``, the val) split of DST; returns the summary.
 
     See the module doc for the outputs, ``expected``, ``scheduler`` and the val rules. Raises UserError

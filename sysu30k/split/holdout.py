@@ -21,9 +21,7 @@ from ..errors import UserError
 from ..io.storage import Storage
 from ..manifests import SPLIT_SUMMARY
 from ..release.bags import train_folder_name
-
-VAL_BLOCK = 25                            # held-out folders per contiguous block, at most
-GUARD = 2                                 # guard folders on each side of a block: impurity reaches k±2
+from .config import GUARD, VAL_BLOCK
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,24 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..release.bags import bags_to_json, consecutive_bags, train_folder_name
-from ..release.constants import (BAG_LABEL_JSON, DISTRACTOR_FOLDER, GALLERY_CAMID, GALLERY_DIR, IMAGE_EXT, META_DIR,
-                         QUERY_CAMID, QUERY_DIR, TEST_DIR, TEST_ID_DIGITS, TRAIN_DIR)
 from ..errors import UserError
+from ..release.bags import bags_to_json, consecutive_bags, train_folder_name
+from ..release.constants import (
+    BAG_LABEL_JSON,
+    DISTRACTOR_FOLDER,
+    GALLERY_CAMID,
+    GALLERY_DIR,
+    IMAGE_EXT,
+    META_DIR,
+    QUERY_CAMID,
+    QUERY_DIR,
+    TEST_DIR,
+    TEST_ID_DIGITS,
+    TRAIN_DIR,
+)
+from .config import SynthConfig
 from .render import render_person
 
-HEIGHTS = (144, 288)
 TRUTH_CSV = "truth.csv"
 SYNTH_JSON = "synth.json"
 
@@ -35,41 +46,6 @@ _SIZE, _TRAIN, _QUERY, _GALLERY, _DISTRACTOR = range(5)
 _NEIGHBOUR_OFFSETS = (-2, -1, 1, 2)
 _TEST_CHUNK = 64         # test ids per task (each gives a query and a gallery image)
 _DISTRACTOR_CHUNK = 128  # distractors per task
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """What to generate: sizes of the training and test sets, image height, folder impurity, style and seed."""
-
-    folders: int = 100
-    images_per_folder: int = 16
-    folder_size_jitter: float = 0.5
-    test_ids: int = 50
-    distractors: int = 200
-    height: int = 144
-    impurity: float = 0.2
-    style: int = 0
-    seed: int = 0
-    id_offset: int = 0          # added to every identity before rendering: disjoint looks for another domain
-    bag_json: bool = True
-    quality: int = 90
-
-    def __post_init__(self) -> None:
-        """Reject settings that cannot describe a dataset, with a message saying what to change."""
-        if self.height not in HEIGHTS:
-            raise UserError(f"height must be one of {HEIGHTS}, not {self.height}")
-        if self.folders < 1 or self.images_per_folder < 1:
-            raise UserError("folders and images_per_folder must be at least 1")
-        if self.test_ids < 0 or self.distractors < 0:
-            raise UserError("test_ids and distractors must not be negative")
-        if not 0.0 <= self.folder_size_jitter <= 1.0:
-            raise UserError(f"folder_size_jitter must lie in [0, 1], not {self.folder_size_jitter}")
-        if not 0.0 <= self.impurity <= 1.0:
-            raise UserError(f"impurity must lie in [0, 1], not {self.impurity}")
-        if self.seed < 0 or self.style < 0 or self.id_offset < 0:
-            raise UserError("seed, style and id_offset must not be negative")
-        if not 1 <= self.quality <= 100:
-            raise UserError(f"quality must lie in 1..100, not {self.quality}")
 
 
 @dataclass(frozen=True)

@@ -22,29 +22,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..model import checkpoint
 from ..errors import UserError
+from ..io.device import resolve_device
 from ..io.progress import progress
+from ..model import checkpoint
+from .config import RunOptions
 
 log = logging.getLogger("sysu30k")
 EXIT_ON_SIGTERM = 143
-HEAD_MODULES = ("project", "neck", "classifier", "embed")     # new layers (not the ImageNet backbone)
 
 LossFn = Callable[[Callable, object], dict]                   # (forward, batch on device) -> terms with "total"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run (not part of the result): decoder, workers, device, logging, validation batch."""
-
-    decoder: str = "auto"
-    workers: int = 2
-    device: str | None = None
-    log_every: int = 10
-    eval_batch: int = 128
-    keep_every: int = 0                  # also archive checkpoints/epoch-NNN.pt every N epochs (0: never)
-    show_progress: bool = True
-    storage_options: dict = field(default_factory=dict)
 
 
 def distributed() -> tuple[int, int, int]:
@@ -59,7 +46,7 @@ def start_process(run: RunOptions) -> tuple[int, int, torch.device]:
     """(rank, world, device) of this process: the process group when torchrun launched us, and the
     device ``run`` names, else this rank's GPU when there is one, else the CPU."""
     rank, world, local_rank = distributed()
-    device = torch.device(run.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
@@ -72,25 +59,19 @@ def parallel(model: torch.nn.Module, device: torch.device, world: int) -> torch.
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def param_groups(model: torch.nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
-    """Backbone parameters at ``lr``, the new layers (:data:`HEAD_MODULES`) at ``lr × head_lr_mult``."""
-    head = [p for n, p in model.named_parameters() if n.split(".")[0] in HEAD_MODULES and p.requires_grad]
-    head_ids = {id(p) for p in head}
-    body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    return [{"params": body, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Session:
-    """One run's moving parts. ``config`` (a dict) identifies the run: resuming with other settings is
-    refused. ``extra`` is the method's own state, saved in every checkpoint (SSG: iteration, labels)."""
+    """One run's moving parts, built with keywords by both trainers. ``config`` (a dict) identifies the run:
+    resuming with other settings is refused; ``legacy`` holds the config keys added after a format was
+    first written, with the value the older code used, so older checkpoints still resume. ``extra`` is
+    the method's own state, saved in every checkpoint (SSG: iteration, labels). ``net`` is ``model``
+    wrapped for DDP when there are several ranks."""
 
     out: Path
     dst_url: str
     fmt: str
     config: dict
     model: torch.nn.Module
-    net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -99,9 +80,15 @@ class Session:
     width: int
     rank: int = 0
     world: int = 1
+    legacy: dict = field(default_factory=dict)
     step: int = 0
     best: float | None = None
     extra: dict = field(default_factory=dict)
+    net: torch.nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.net = parallel(self.model, self.device, self.world)
 
     def save(self, path: Path, loader, epoch: int) -> None:
         """A checkpoint of everything needed to continue (written atomically)."""
@@ -118,7 +105,7 @@ class Session:
         if not path.exists():
             return None
         state = checkpoint.load(path)
-        if state.get("config") != self.config:
+        if {**self.legacy, **state.get("config", {})} != self.config:
             raise UserError(f"{self.out} holds a run with other settings; choose another --out or pass --overwrite")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -252,6 +239,6 @@ def _validate(s: Session) -> dict | None:
     s.model.eval()
     try:
         return evaluate_split(s.model, s.dst_url, "val", s.device, s.height, s.width, s.run.eval_batch,
-                              s.run.workers, s.run.storage_options)
+                              s.run.workers, s.run.storage_options, decoder=s.run.decoder)
     finally:
         s.model.train()

@@ -6,12 +6,10 @@ Labels: a bag's label is a set of folder ids; the classifier's class of folder `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-METHODS = ("dgl", "unary", "folder")
+from .config import LossWeights
 
 
 def bag_classes(bag_labels: torch.Tensor) -> torch.Tensor:
@@ -103,16 +101,6 @@ def weak_triplet_loss(feat: torch.Tensor, classes: torch.Tensor, valid: torch.Te
     med = torch.stack([d[i][positive[i]].median() for i in range(len(d))])
     hardest_neg = d.masked_fill(positive, float("inf")).min(1).values
     return F.relu(med - hardest_neg + margin)[has_neg].mean()
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the terms: total = unary + pairwise·L_p + triplet·L_wt (the demo's 1·CE + 2·L_p, 2·L_wt)."""
-
-    pairwise: float = 2.0
-    triplet: float = 2.0
-    sigma: float = 1.0
-    margin: float = 1.2
 
 
 def method_loss(method: str, out: dict[str, torch.Tensor], bag_labels: torch.Tensor, bag: torch.Tensor,

@@ -7,54 +7,25 @@ resume after SIGTERM, DDP, logs and validation are the shared loop of :mod:`.loo
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import pyarrow.compute as pc
 import torch
 
 from .. import manifests
 from ..errors import UserError
-from ..loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
-from .loop import LossFn, RunOptions, Session, param_groups, parallel, run_epochs, start_process
-from .losses import METHODS, LossWeights, method_loss
-from ..model.network import ModelConfig, build_model
 from ..io.storage import Storage
+from ..loader import BagSpec, LoaderOptions, TrainLoader, TransformSpec
+from ..model.network import build_model
+from .config import RunOptions, TrainConfig
+from .loop import LossFn, Session, run_epochs, start_process
+from .losses import method_loss
+from .optim import build_optimizer
 
 log = logging.getLogger("sysu30k")
 FORMAT = "sysu30k-train-weak/1"
+LEGACY = {"nesterov": True, "amsgrad": True}      # added later; checkpoints before then used these variants
 __all__ = ["FORMAT", "RunOptions", "TrainConfig", "num_classes", "train"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained weights; stored in checkpoints and compared on resume."""
-
-    method: str = "dgl"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 8
-    bags: int = 12
-    per_bag: int = 15
-    height: int = 256
-    width: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_steps: tuple[int, ...] = ()
-    lr_gamma: float = 0.1
-    pad: int | None = None                 # crop padding; None scales it with the width (10 px at 128)
-    erase_p: float = 0.5
-    warmup_epochs: int = 0                 # dgl/unary: pseudo-labels are the folders for these first epochs
-    weights: LossWeights = field(default_factory=LossWeights)
-    resample: bool = False
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lr_steps"] = list(self.lr_steps)
-        return d
 
 
 def num_classes(dst: Storage) -> int:
@@ -66,24 +37,12 @@ def num_classes(dst: Storage) -> int:
     return int(pc.max(folder).as_py())
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.lr, cfg.head_lr_mult)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
-    raise UserError("--optimizer must be sgd or adam")
-
-
 def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOptions(),
           targets: dict[str, int] | None = None) -> dict:
     """Train on DST into ``out_dir`` (resuming what is there); returns the last epoch's record.
 
     ``targets`` maps sample keys to classes and overrides the weak labels (an oracle for benchmarks).
     """
-    if cfg.method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}")
     rank, world, device = start_process(run)
     dst = Storage(dst_url, run.storage_options)
     cfg = replace(cfg, model=replace(cfg.model, num_classes=num_classes(dst)))
@@ -95,10 +54,12 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     model = build_model(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(model, cfg)
-    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, parallel(model, device, world), optimizer,
-                torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma), device, run,
-                cfg.height, cfg.width, rank, world)
+    optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
+                                weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                amsgrad=cfg.amsgrad)
+    s = Session(out=out_dir, dst_url=dst_url, fmt=FORMAT, config=cfg.to_dict(), legacy=LEGACY, model=model,
+                optimizer=optimizer, device=device, run=run, height=cfg.height, width=cfg.width, rank=rank, world=world,
+                schedule=torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma))
     state = s.resume()
     if state is not None:
         loader.load_state_dict(state)

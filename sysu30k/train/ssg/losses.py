@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MINING = ("semi", "hard")
-
 
 def euclidean(x: torch.Tensor) -> torch.Tensor:
     """Pairwise Euclidean distances of the rows of ``x``."""

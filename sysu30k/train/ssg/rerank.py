@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from ...errors import UserError
+from ...io.device import resolve_device
 
 log = logging.getLogger("sysu30k")
 
@@ -70,12 +71,6 @@ class PairDistances:
         return full
 
 
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _features(x, name: str) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
@@ -105,7 +100,7 @@ def knn(query: torch.Tensor, base: torch.Tensor, k: int, chunk: int = 4096, devi
                         f" got {k}")
     if chunk < 1:
         raise UserError(f"chunk must be positive, got {chunk}")
-    dev = _device(device)
+    dev = resolve_device(device)
     nq = q.shape[0]
     kk = min(k + 1, avail)        # one more than asked: a tie across the cut shows as val[k] == val[k-1]
     idx = torch.empty(nq, k, dtype=torch.int64)
@@ -279,7 +274,7 @@ def ssg_distance(target: torch.Tensor, source: torch.Tensor | None = None, k1: i
     if src is not None and src.shape[1] != t.shape[1]:
         raise UserError(f"source features are {src.shape[1]}-d but target features are {t.shape[1]}-d")
     timings = {}
-    dev = _device(device)
+    dev = resolve_device(device)
     t = t.to(dev)
     nbr_t, sq_t, rmax_t = knn(t, t, k1 + 1, chunk=chunk, device=dev)
     nbr, rmax = nbr_t.numpy(), rmax_t.double().numpy()

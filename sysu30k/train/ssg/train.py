@@ -14,81 +14,33 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ...model import checkpoint
 from ...errors import UserError
 from ...evaluation.features import extract_features
+from ...io.storage import Storage
 from ...loader import EvalLoader, GroupLoader, GroupSpec, LoaderOptions, TransformSpec
 from ...loader.catalog import load_catalog
-from ..loop import RunOptions, Session, param_groups, parallel, run_epochs, start_process
-from ...model.network import ModelConfig, build_model
+from ...model import checkpoint
+from ...model.config import ModelConfig
+from ...model.network import build_model
 from ...split.holdout import excluded_folders
-from ...io.storage import Storage
-from .losses import MINING, source_loss, ssg_loss
+from ..config import RunOptions
+from ..loop import Session, run_epochs, start_process
+from ..optim import build_optimizer
+from .config import SSGConfig
+from .losses import source_loss, ssg_loss
 from .quality import clustering_quality
 
 log = logging.getLogger("sysu30k")
-STAGES = ("source", "adapt")
 FORMAT = "sysu30k-train-ssg/1"
+LEGACY = {"nesterov": False, "amsgrad": False}     # added later; checkpoints before then used these variants
 VIEWS = ("g", "up", "low")
-
-
-@dataclass(frozen=True)
-class SSGConfig:
-    """Everything that decides the trained weights (stored in checkpoints, compared on resume). The
-    defaults are the released code's adaptation settings; :meth:`for_stage` gives each stage's."""
-
-    stage: str = "adapt"
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(head="ssg", num_classes=1))
-    height: int = 256
-    width: int = 128
-    epochs: int = 150                   # source stage
-    decay_from: int = 100               # source: lr·0.001^((epoch − decay_from)/(epochs − decay_from)) after it
-    iterations: int = 30                # adapt stage
-    epochs_per_iteration: int = 70
-    groups: int = 32                    # P clusters (identities) per batch
-    per_group: int = 4                  # K images of each
-    optimizer: str = "sgd"
-    lr: float = 6e-5
-    head_lr_mult: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    margin: float = 0.5
-    mining: str = "semi"
-    k1: int = 20
-    k2: int = 6
-    lam: float = 0.1
-    rho: float = 1.6e-3
-    min_samples: int = 4
-    plus_from: int = -1                 # SSG++ from this iteration on (-1: off)
-    init: str | None = None             # the source-stage checkpoint the adaptation starts from
-    source: str | None = None           # the source DST whose features enter the distance (λ term)
-    seed: int = 1
-
-    @classmethod
-    def for_stage(cls, stage: str, **overrides) -> "SSGConfig":
-        """The released settings of ``stage`` (source: Adam 3e-4, new layers ×3, 16×8, 150 epochs), then
-        ``overrides`` (None values are ignored)."""
-        if stage not in STAGES:
-            raise UserError(f"--stage must be one of {', '.join(STAGES)}")
-        base = dict(stage=stage)
-        if stage == "source":
-            base.update(groups=16, per_group=8, optimizer="adam", lr=3e-4, head_lr_mult=3.0)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs if self.stage == "source" else self.iterations * self.epochs_per_iteration
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ExpDecay:
@@ -110,8 +62,6 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
     ``truth`` (key → true identity, synthetic data) adds NMI/ARI to the clustering records and is the
     annotator SSG++ asks for one label per cluster.
     """
-    if cfg.mining not in MINING:
-        raise UserError(f"--mining must be one of {', '.join(MINING)}")
     if cfg.stage == "adapt" and not cfg.init:
         raise UserError("--stage adapt needs --init: a source-stage checkpoint (sysu30k train-ssg --stage source)")
     if cfg.plus_from >= 0 and truth is None:
@@ -137,16 +87,13 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
         model.load_state_dict(source_weights, strict=False)
         model.classifier.requires_grad_(False)          # no classifier in adaptation (SSG.md §2.1)
     model = model.to(device)
-    groups = param_groups(model, cfg.lr, cfg.head_lr_mult)
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        raise UserError("--optimizer must be sgd or adam")
+    optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
+                                weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                amsgrad=cfg.amsgrad)
     decay = ExpDecay(cfg.decay_from, cfg.epochs) if cfg.stage == "source" else ExpDecay(0, 0)
-    s = Session(Path(out_dir), dst_url, FORMAT, cfg.to_dict(), model, parallel(model, device, world), optimizer,
-                torch.optim.lr_scheduler.LambdaLR(optimizer, decay), device, run, cfg.height, cfg.width, rank, world)
+    s = Session(out=out_dir, dst_url=dst_url, fmt=FORMAT, config=cfg.to_dict(), legacy=LEGACY, model=model,
+                optimizer=optimizer, device=device, run=run, height=cfg.height, width=cfg.width, rank=rank, world=world,
+                schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, decay))
     state = s.resume()
     s.start()
     if cfg.stage == "source":

@@ -1,0 +1,39 @@
+"""The options of ``sysu30k eval``, declared once (light to import: no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..io.device import device_field
+from ..loader.config import decoder_field
+from ..options import check, opt, storage_option_field
+
+SPLITS = ("test", "val")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How ``sysu30k eval`` extracts and scores: the defaults of :func:`evaluate_checkpoint` and
+    :func:`evaluate_features`."""
+
+    split: str = opt("test", "Which split of DST/manifests/split.parquet to evaluate (or to join keys-only feature "
+                     "files with).", choices=SPLITS)
+    device: str = device_field("auto (GPU when present), cpu, cuda, cuda:1 ...")
+    chunk: int | None = opt(None, "Queries per similarity block (memory: CHUNK x gallery x 4 bytes).", min=1,
+                            default_note="64 on a GPU, up to 384 MB of scores on the CPU")
+    batch: int = opt(128, "Extraction batch size.", min=1)
+    workers: int = opt(2, "Loader processes for extraction (0: in this process).", min=0)
+    decoder: str = decoder_field()
+    height: int | None = opt(None, "Extraction: resize height (bicubic).", min=8,
+                             default_note="the checkpoint's training height (256 for the paper recipe, the official "
+                             "evaluator's size)")
+    width: int | None = opt(None, "Extraction: resize width.", min=8, default_note="the checkpoint's training width")
+    flip: bool = opt(True, "Add the flipped image's feature.")
+    normalize: bool = opt(True, "L2-normalise features.")
+    show: tuple[str, ...] = opt((), "Query key for ranked.png (repeatable).", multiple=True, metavar="KEY",
+                                default_note="the worst queries")
+    worst: int = opt(6, "Worst queries drawn in ranked.png when no --show.", min=0)
+    storage_options: dict = storage_option_field()
+
+    def __post_init__(self) -> None:
+        check(self)
