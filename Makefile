@@ -1,10 +1,10 @@
-# Two commands for a newcomer: `make demo` and `make test`. Both set everything up first.
+# Two commands for a newcomer: `make demo` and `make test` (and `make lint`). All set everything up first.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-setup
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash benchmarks/run_all.sh

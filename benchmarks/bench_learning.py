@@ -146,7 +146,7 @@ def child(args) -> None:
     model.eval()
     t0 = time.perf_counter()
     metrics = None
-    for attempt in range(10):                       # sysu30k.evaluation may still be in flux: retry
+    for _ in range(10):                       # sysu30k.evaluation may still be in flux: retry
         try:
             metrics = evaluate_split(model, str(dst), "test", torch.device("cpu"), args.height, args.width, 128, 1)
             break
@@ -167,8 +167,8 @@ def child(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ summary
-HP = ("height", "width", "epochs", "warmup_epochs", "erase_p", "bags", "per_bag", "optimizer", "lr", "head_lr_mult", "weight_decay", "lr_steps", "embedding",
-      "w_pairwise", "w_triplet", "sigma", "margin", "train_seed")
+HP = ("height", "width", "epochs", "warmup_epochs", "erase_p", "bags", "per_bag", "optimizer", "lr", "head_lr_mult",
+      "weight_decay", "lr_steps", "embedding", "w_pairwise", "w_triplet", "sigma", "margin", "train_seed")
 
 
 def _agg(values: list[float]) -> dict:

@@ -62,7 +62,8 @@ LABEL = {"base": "wds+PIL+DataLoader", "pil-f32": "ours pil -> float32", "pil-u8
          "pil-f32-s3": "ours pil -> float32, s3://", "pil-u8-s3": "ours pil, uint8, s3://"}
 BASELINE_OF = {"pil-f32": "base", "pil-u8": "base", "dali-f32": "base", "dali-u8": "base",
                "pil-f32-s3": "pil-f32", "pil-u8-s3": "pil-u8"}
-TARGET = {"pil-f32": 3.0, "pil-f32-s3": 0.85, "pil-u8-s3": 0.85}   # images/s ratio to BASELINE_OF (the issue: 3x "with Pillow-SIMD")
+# images/s ratio to BASELINE_OF (the issue: 3x "with Pillow-SIMD")
+TARGET = {"pil-f32": 3.0, "pil-f32-s3": 0.85, "pil-u8-s3": 0.85}
 BATCH, HEIGHT, WIDTH, PAD = 180, 256, 128, 10
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BUCKET = "bench"
@@ -187,10 +188,9 @@ def prepare(args) -> tuple[Path, list[str], dict]:
     dst = (out / f"dst-n{n}-s{size}").resolve()
     ensure(dst, [sysu30k_exe(), "shard", str(tree), str(dst), "--resize", "144", "--shard-size", size,
                  "--workers", "2"], resumable=True)
-    from sysu30k.manifests import SHARD_DIR
-
     from sysu30k.io.storage import Storage
     from sysu30k.loader.catalog import load_catalog
+    from sysu30k.manifests import SHARD_DIR
 
     catalog = load_catalog(Storage(str(dst)), "train")
     urls = [str(dst / SHARD_DIR / f"{e.shard}.tar") for e in catalog]

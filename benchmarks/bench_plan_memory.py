@@ -308,13 +308,13 @@ def main() -> None:
 
     # 1. side by side at the baseline sizes, interleaved: baseline, ours, baseline, ours ...
     #    (plus the fake filesystem's own listing cost at the largest of these sizes: the floor it sets)
-    for rep in range(args.reps):
+    for _ in range(args.reps):
         for bs in base_scales:
             record(f"baseline@{bs:g}", spec("baseline", bs))
             record(f"ours@{bs:g}", spec("ours", bs))
         record(f"listing@{base_scales[-1]:g}", spec("listing", base_scales[-1]))
     # 2. the release size: ours (about 4 minutes a run on the 2-core machine)
-    for rep in range(args.full_reps if args.full_reps is not None else args.reps):
+    for _ in range(args.full_reps if args.full_reps is not None else args.reps):
         record(f"ours@{args.scale:g}", spec("ours", args.scale))
     # 3. optional: with meta/train.txt
     if args.meta:
@@ -323,7 +323,7 @@ def main() -> None:
             t = time.perf_counter()
             write_meta(meta, scaled(args.scale))
             print(f"wrote {meta} ({meta.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s", flush=True)
-        for rep in range(args.reps):
+        for _ in range(args.reps):
             record(f"ours+meta@{args.scale:g}", spec("ours", args.scale, str(meta.resolve())))
 
     summary = {name: {"reps": len(rs), "entries": rs[0]["entries"], "median_s": med(rs, "seconds"),

@@ -29,9 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))            # the SeaweedFS launcher the 
 
 from s3server import SeaweedS3  # noqa: E402
 
-from sysu30k.ingest.config import ShardJob
-from sysu30k.ingest.imageproc import ImageOptions  # noqa: E402
-from sysu30k.ingest.plan import ShardingOptions  # noqa: E402
+from sysu30k.ingest.config import ImageOptions, ShardingOptions, ShardJob  # noqa: E402
 from sysu30k.ingest.shard import run_shard  # noqa: E402
 
 JOB = ShardJob(ShardingOptions(shard_size=16 * 10**6), ImageOptions(verify="full"))

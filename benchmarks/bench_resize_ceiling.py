@@ -57,12 +57,13 @@ def ours(datas: list[bytes], module: types.ModuleType = imageproc) -> None:
 def imageproc_at(rev: str):
     """The image module (``sysu30k/ingest/imageproc.py``, before the stage packages ``sysu30k/imageproc.py``) as it
     was at git revision ``rev``, imported as a module of its own; its relative imports resolve in this tree."""
-    for path, package in (("sysu30k/ingest/imageproc.py", "sysu30k.ingest"), ("sysu30k/imageproc.py", "sysu30k")):
+    for path in ("sysu30k/ingest/imageproc.py", "sysu30k/imageproc.py"):
         shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
         if shown.returncode == 0:
             break
     else:
         raise SystemExit(f"no imageproc module at {rev}")
+    package = path.rsplit("/", 1)[0].replace("/", ".")
     name = f"imageproc_at_{rev}"
     module = types.ModuleType(name)
     module.__package__ = package

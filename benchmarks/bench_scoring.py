@@ -30,7 +30,8 @@ from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 
 CONFIGS = ("ours", "baseline", "matmul_chunked", "matmul_full")
 WRAPPER = ("import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:]); "
-           "print(json.dumps({'rc': p.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+           "print(json.dumps({'rc': p.returncode, "
+           "'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
 
 
 # ----------------------------------------------------------------------------- child side

@@ -122,10 +122,10 @@ def run_plain(dst: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    from sysu30k.manifests import SPLIT_SUMMARY
 
     from sysu30k import manifests
     from sysu30k.io.storage import Storage
+    from sysu30k.manifests import SPLIT_SUMMARY
     from sysu30k.release.constants import OFFICIAL_TEST_IDS
     from sysu30k.split.checks import check_counts, check_split
 

@@ -36,7 +36,8 @@ def _run(cmd: list[str]) -> None:
 def _data(args, seed: int, base: Path) -> tuple[Path, Path, Path]:
     """(source DST, target DST, target truth.csv), built once per seed and settings."""
     out = []
-    for role, style, offset, data_seed in (("src", args.source_style, 0, seed), ("tgt", args.target_style, 100_000, 1000 + seed)):
+    roles = (("src", args.source_style, 0, seed), ("tgt", args.target_style, 100_000, 1000 + seed))
+    for role, style, offset, data_seed in roles:
         tree, dst = base / f"{role}-tree-s{seed}", base / f"{role}-dst-s{seed}"
         spec = {"folders": args.folders, "images_per_folder": args.images_per_folder, "test_ids": args.test_ids,
                 "distractors": args.distractors, "style": style, "offset": offset, "seed": data_seed}
@@ -44,7 +45,8 @@ def _data(args, seed: int, base: Path) -> tuple[Path, Path, Path]:
         if not (stamp.exists() and json.loads(stamp.read_text()) == spec):
             shutil.rmtree(tree, ignore_errors=True)
             shutil.rmtree(dst, ignore_errors=True)
-            _run(["synth", str(tree), "--folders", str(args.folders), "--images-per-folder", str(args.images_per_folder),
+            _run(["synth", str(tree), "--folders", str(args.folders),
+                  "--images-per-folder", str(args.images_per_folder),
                   "--test-ids", str(args.test_ids), "--distractors", str(args.distractors), "--impurity", "0",
                   "--style", str(style), "--id-offset", str(offset), "--seed", str(data_seed), "--workers", "2"])
             _run(["shard", str(tree), str(dst), "--shard-size", "2MB", "--workers", "2"])
@@ -73,7 +75,8 @@ def run_seed(args, seed: int, base: Path) -> dict:
     t0 = time.perf_counter()
     ssg_run = base / f"run-ssg-s{seed}"
     _run(["train-ssg", str(tgt), "--init", str(src_run / "last.pt"), "--source", str(src), "--truth", str(truth),
-          "--out", str(ssg_run), "--iterations", str(args.iterations), "--epochs-per-iteration", str(args.epochs_per_iteration),
+          "--out", str(ssg_run), "--iterations", str(args.iterations),
+          "--epochs-per-iteration", str(args.epochs_per_iteration),
           "--optimizer", args.optimizer, "--lr", str(args.lr), "--rho", str(args.rho), "--k1", str(args.k1),
           "--k2", str(args.k2), "--groups", str(args.groups), *common])
     adapt_s = time.perf_counter() - t0
@@ -81,7 +84,8 @@ def run_seed(args, seed: int, base: Path) -> dict:
     rounds = [json.loads(line) for line in (ssg_run / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rounds if r.get("event") == "cluster"]
     return {"seed": seed, "source_only": before, "ssg": after, "source_s": source_s, "adapt_s": adapt_s,
-            "rounds": [{k: r.get(k) for k in ("iteration", "clusters_g", "kept", "images", "nmi", "ari")} for r in rounds]}
+            "rounds": [{k: r.get(k) for k in ("iteration", "clusters_g", "kept", "images", "nmi", "ari")}
+                       for r in rounds]}
 
 
 def main() -> None:
@@ -118,7 +122,8 @@ def main() -> None:
         results.append(r)
         print(json.dumps({"seed": seed, **{f"{k}_{m}": round(100 * r[k][m], 1) for k in ("source_only", "ssg")
                                           for m in ("rank1", "mAP_official")}, "rounds": r["rounds"]}), flush=True)
-    lines = ["| seed | source only R1 / mAP | after SSG R1 / mAP | gain R1 / mAP | last round: clusters, kept, NMI, ARI |",
+    lines = ["| seed | source only R1 / mAP | after SSG R1 / mAP | gain R1 / mAP "
+             "| last round: clusters, kept, NMI, ARI |",
              "|---|---|---|---|---|"]
     gains = {"rank1": [], "mAP_official": []}
     for r in results:
@@ -126,7 +131,8 @@ def main() -> None:
         for m in gains:
             gains[m].append(g[m])
         last = r["rounds"][-1] if r["rounds"] else {}
-        lines.append(f"| {r['seed']} | {100 * r['source_only']['rank1']:.1f} / {100 * r['source_only']['mAP_official']:.1f}"
+        lines.append(f"| {r['seed']} | {100 * r['source_only']['rank1']:.1f}"
+                     f" / {100 * r['source_only']['mAP_official']:.1f}"
                      f" | {100 * r['ssg']['rank1']:.1f} / {100 * r['ssg']['mAP_official']:.1f}"
                      f" | {g['rank1']:+.1f} / {g['mAP_official']:+.1f}"
                      f" | {last.get('clusters_g')}, {last.get('kept')}/{last.get('images')}, "

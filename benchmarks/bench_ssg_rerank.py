@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 WRAPPER = ("import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:]); "
-           "print(json.dumps({'rc': p.returncode, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+           "print(json.dumps({'rc': p.returncode, "
+           "'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
 
 
 # ----------------------------------------------------------------------------- child side

@@ -6,18 +6,16 @@
 # Usage: bash pipelines/ssg-adapt.sh OUT
 set -euo pipefail
 OUT=${1:-ssg-out}
-SMALL=(--height 64 --width 32 --workers 2 --decoder pil)
+HERE=$(cd "$(dirname "$0")" && pwd)
 sysu30k synth "$OUT/src-raw" --folders 48 --images-per-folder 12 --test-ids 96 --distractors 200 --impurity 0 --style 0 --seed 0
 sysu30k synth "$OUT/tgt-raw" --folders 48 --images-per-folder 12 --test-ids 96 --distractors 200 --impurity 0 --style 1 \
   --id-offset 100000 --seed 1000
 sysu30k shard "$OUT/src-raw" "$OUT/src" --shard-size 2MB --workers 2
 sysu30k shard "$OUT/tgt-raw" "$OUT/tgt" --shard-size 2MB --workers 2
 sysu30k split "$OUT/tgt" --expect none
-sysu30k train-ssg "$OUT/src" --stage source --out "$OUT/run-src" --arch resnet18 --embedding 512 \
-  --epochs 30 --decay-from 20 --groups 16 --per-group 4 --lr 1e-3 "${SMALL[@]}"
+sysu30k train-ssg "$OUT/src" --out "$OUT/run-src" --config "$HERE/ssg-source-cpu.toml"
 sysu30k train-ssg "$OUT/tgt" --init "$OUT/run-src/last.pt" --source "$OUT/src" --truth "$OUT/tgt-raw/truth.csv" \
-  --out "$OUT/run-ssg" --iterations 4 --epochs-per-iteration 5 --groups 8 --per-group 4 \
-  --optimizer adam --lr 1e-4 --rho 0.015 --k1 10 --k2 3 "${SMALL[@]}"
+  --out "$OUT/run-ssg" --config "$HERE/ssg-adapt-cpu.toml"
 sysu30k eval "$OUT/tgt" --checkpoint "$OUT/run-src/last.pt" --out "$OUT/eval-source-only"
 sysu30k eval "$OUT/tgt" --checkpoint "$OUT/run-ssg/last.pt" --out "$OUT/eval-ssg"
 sysu30k eval --compare "$OUT/eval-source-only" "$OUT/eval-ssg"

@@ -31,7 +31,8 @@ def _pillow() -> list[Check]:
 
     simd = "post" in PIL.__version__
     return [
-        Check("Pillow-SIMD", simd, f"PIL {PIL.__version__} ({'SIMD fork' if simd else 'stock Pillow: 2-3x slower decode'})"),
+        Check("Pillow-SIMD", simd,
+              f"PIL {PIL.__version__} ({'SIMD fork' if simd else 'stock Pillow: 2-3x slower decode'})"),
         Check("libjpeg-turbo", bool(features.check_feature("libjpeg_turbo")),
               f"libjpeg {features.version('jpg') or 'missing'}"),
     ]

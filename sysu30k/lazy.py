@@ -4,7 +4,8 @@ so importing one light module of a stage (its ``config``) does not import torch 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:

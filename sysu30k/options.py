@@ -15,7 +15,8 @@ import json
 import re
 import tomllib
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -249,16 +250,11 @@ def build(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
     return cls(**kwargs)
 
 
-def given(values: dict[str, Any]) -> dict[str, Any]:
-    """The values that are set (not None): the overrides of a stage's defaults."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def apply_config(ctx: click.Context, values: dict[str, Any], path: str | None) -> dict[str, Any]:
     """``values`` with every option not given on the command line taken from the TOML file ``path``.
 
-    Keys are option names (``per_bag`` or ``per-bag``); each value goes through the option's own type, so
-    ranges and choices hold as on the command line. Unknown keys and arguments are refused."""
+    Keys are option names as on the command line (``per_bag`` or ``per-bag``, ``pairwise_weight``); each value
+    goes through the option's own type, so ranges and choices hold as there. Unknown keys are refused."""
     if not path:
         return values
     try:
@@ -268,11 +264,15 @@ def apply_config(ctx: click.Context, values: dict[str, Any], path: str | None) -
         raise UserError(f"--config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--config {path} is not valid TOML: {exc}") from None
-    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config"}
+    params = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name != "config_file":
+            for key in (p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts)):
+                params[key] = p
     out = dict(values)
     for key, raw in table.items():
-        name = key.replace("-", "_")
-        param = params.get(name)
+        param = params.get(key.replace("-", "_"))
+        name = param.name if param is not None else key
         if param is None:
             raise UserError(f"--config {path}: unknown option {key!r} for `{ctx.command.name}` "
                             f"(see sysu30k {ctx.command.name} --help)")

@@ -1,8 +1,11 @@
-"""Shared fixtures: a small synthetic SYSU-30k tree, made once per session."""
+"""Shared fixtures and helpers: a small synthetic SYSU-30k tree made once per session, packed datasets, the
+real command line in a subprocess, a real S3 server, and readers of a run's records."""
 
 import hashlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +14,30 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))   # test helpers (imagefiles) import as plain modules
 
 TINY = dict(folders=8, images_per_folder=6, test_ids=5, distractors=12, height=144, seed=1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args, quiet: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """``python -m sysu30k [-q] ARGS`` in a subprocess: the real entry point (one-line errors, exit codes)."""
+    return subprocess.run([sys.executable, "-m", "sysu30k", *(["-q"] if quiet else []), *map(str, args)],
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, **kw)
+
+
+def records(run: Path, event: str) -> list[dict]:
+    """The ``event`` records (step, epoch, cluster) of a training run's metrics.jsonl, in order."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def pack_synth(raw: Path, dst: Path, shard_count: int, workers: int = 1, **synth) -> Path:
+    """A synthetic tree (``SynthConfig(**synth)``) written to ``raw`` and packed into ``dst``; returns ``dst``."""
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
+
+    write_synth(str(raw), SynthConfig(**synth), workers=workers)
+    run_shard(str(raw), str(dst), ShardJob(ShardingOptions(shard_count=shard_count)), show_progress=False)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def write_run(out_dir: str, scores: Scores, meta: dict, dst_url: str | None = No
     metrics = {"version": METRICS_VERSION, "metrics": scores.summary(), "cmc": [float(c) for c in scores.cmc],
                "queries_with_match": n_match, "queries_without_match": int(len(scores.first_rank) - n_match),
                "definitions": DEFINITIONS, "score_seconds": round(scores.seconds, 3),
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta}
+               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **meta}
     buf = io.BytesIO()
     pq.write_table(scores.per_query, buf, compression="zstd")
     out.write_atomic(PER_QUERY, buf.getvalue())

@@ -64,7 +64,7 @@ class ShardRun:
     workers: int = opt(1, "Local worker processes (one shard per task).", min=1)
     scheduler: str | None = opt(None, "Pack on this existing Dask cluster (one task per shard) instead of local "
                                 "processes.", metavar="tcp://HOST:PORT")
-    storage_options: dict = storage_option_field("Passed to the filesystem of a remote SRC/DST (repeatable; JSON values "
-                                            "allowed). S3 endpoint, region and keys come from the standard AWS "
-                                            "variables and config.")
+    storage_options: dict = storage_option_field("Passed to the filesystem of a remote SRC/DST (repeatable; JSON "
+                                                 "values allowed). S3 endpoint, region and keys come from the "
+                                                 "standard AWS variables and config.")
     retries: int = opt(5, "Retries of a transient storage fault (backoff).", min=0)

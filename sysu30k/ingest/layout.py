@@ -9,8 +9,9 @@ folder in sorted order, so the 29.6 M training files never sit in memory at once
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 

@@ -11,9 +11,10 @@ import contextlib
 import logging
 import multiprocessing
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa

@@ -16,7 +16,7 @@ def import_torchvision() -> types.ModuleType:
     import torch
 
     try:
-        torch.ops.torchvision.nms
+        torch.ops.torchvision.nms  # noqa: B018 (the lookup is the probe: it raises when the ops are missing)
     except (AttributeError, RuntimeError):
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")

@@ -10,8 +10,9 @@ import errno
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 log = logging.getLogger("sysu30k")
 T = TypeVar("T")

@@ -19,8 +19,9 @@ import posixpath
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import IO, NamedTuple, TypeVar
 
 import fsspec
 import fsspec.implementations.local

@@ -12,8 +12,8 @@ shared-memory slots (:mod:`.slots`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class Batch:
     flipped: torch.Tensor | None = None       # uint8 [N,3,H,W]: the horizontally flipped copy (eval)
     damaged: list[str] = field(default_factory=list)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Batch":
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Batch:
         """Move to ``device``; uint8 images become ImageNet-normalised ``dtype`` there (per channel, in
         place); images the workers normalised already are only moved and cast."""
         def norm(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -201,23 +201,23 @@ class _Materializer:
 class _TrainStreams(torch.utils.data.IterableDataset):
     """The streams of one rank; each DataLoader worker iterates its own stream."""
 
-    def __init__(self, loader: "TrainLoader", epoch: int, skips: list[int], rotate: int, pool: SlotPool | None):
+    def __init__(self, loader: TrainLoader, epoch: int, skips: list[int], rotate: int, pool: SlotPool | None):
         self.l, self.epoch, self.skips, self.rotate, self.pool = loader, epoch, skips, rotate, pool
 
     def __iter__(self) -> Iterator[dict]:
         tune_malloc()
         info = torch.utils.data.get_worker_info()
-        l = self.l
+        ld = self.l
         worker = info.id if info is not None else 0
-        w = (worker + self.rotate) % l.n_workers
-        sid = l.options.rank * l.n_workers + w
-        rng = np.random.default_rng([l.options.seed, self.epoch, sid])
-        order, plans = l._stream(sid, self.epoch, rng)
-        mat = _Materializer(l.dst_url, l.options.storage_options, l.catalog, order, l.transform, l.raw,
-                            l.options.prefetch_shards, l.options.cache_dir, sequential=l.sequential)
+        w = (worker + self.rotate) % ld.n_workers
+        sid = ld.options.rank * ld.n_workers + w
+        rng = np.random.default_rng([ld.options.seed, self.epoch, sid])
+        order, plans = ld._stream(sid, self.epoch, rng)
+        mat = _Materializer(ld.dst_url, ld.options.storage_options, ld.catalog, order, ld.transform, ld.raw,
+                            ld.options.prefetch_shards, ld.options.cache_dir, sequential=ld.sequential)
         try:
             for b, plan in enumerate(plans):
-                params = draw_params(len(plan.valid), l.transform, rng)
+                params = draw_params(len(plan.valid), ld.transform, rng)
                 if b < self.skips[w]:
                     continue
                 yield self._batch(plan, params, mat, worker)
@@ -418,23 +418,23 @@ class _EvalStreams(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         tune_malloc()
         info = torch.utils.data.get_worker_info()
-        l = self.l
+        ld = self.l
         worker = info.id if info is not None else 0
-        order = l.streams[worker]
-        mat = _Materializer(l.dst_url, l.options.storage_options, l.catalog, order, l.transform, False,
-                            l.options.prefetch_shards, l.options.cache_dir)
-        rows = [(s, r) for s in order for r in range(len(l.catalog[s]))]
-        params = draw_params(l.batch_size, l.transform, np.random.default_rng(0))
+        order = ld.streams[worker]
+        mat = _Materializer(ld.dst_url, ld.options.storage_options, ld.catalog, order, ld.transform, False,
+                            ld.options.prefetch_shards, ld.options.cache_dir)
+        rows = [(s, r) for s in order for r in range(len(ld.catalog[s]))]
+        params = draw_params(ld.batch_size, ld.transform, np.random.default_rng(0))
         try:
-            for i in range(0, len(rows), l.batch_size):
-                chunk = np.array(rows[i:i + l.batch_size], np.int32)
+            for i in range(0, len(rows), ld.batch_size):
+                chunk = np.array(rows[i:i + ld.batch_size], np.int32)
                 shard, row = chunk[:, 0], chunk[:, 1]
-                keys = [l.catalog[s].key[r] for s, r in zip(shard.tolist(), row.tolist())]
+                keys = [ld.catalog[s].key[r] for s, r in zip(shard.tolist(), row.tolist())]
                 datas = mat.payloads(shard, row)
                 sent, damaged = mat.decode_batch(self.pool, worker, shard, row, datas, params, keys,
                                                  normalize=False)
                 bad = set(damaged) | {k for k, d in zip(keys, datas) if d is None}
-                pick = lambda col: np.array([getattr(l.catalog[s], col)[r] for s, r in zip(shard, row)], np.int64)
+                pick = lambda col: np.array([getattr(ld.catalog[s], col)[r] for s, r in zip(shard, row)], np.int64)
                 yield {**sent, "keys": keys, "valid": np.array([k not in bad for k in keys]),
                        "folder": pick("folder"), "pid": pick("pid"), "camid": pick("camid"), "damaged": sorted(bad)}
         finally:

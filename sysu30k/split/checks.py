@@ -16,8 +16,8 @@ break any invariant once the queries are known to carry real identities).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

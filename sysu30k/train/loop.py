@@ -15,9 +15,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,8 @@ def parallel(model: torch.nn.Module, device: torch.device, world: int) -> torch.
     """``model`` wrapped in DDP when there are several ranks, else itself."""
     if world == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(model,
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
 
 
 @dataclass(kw_only=True)
@@ -159,7 +160,8 @@ def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total
             s.net.train()
             sums: dict[str, float] = {}
             seen, t0 = 0, time.perf_counter()
-            with progress(len(loader), f"epoch {epoch + 1}/{total}", "batch", s.run.show_progress and s.rank == 0) as bar:
+            shown = s.run.show_progress and s.rank == 0
+            with progress(len(loader), f"epoch {epoch + 1}/{total}", "batch", shown) as bar:
                 bar.update(loader.consumed)
                 for batch in loader:
                     terms = optimize(s, batch, loss_fn)

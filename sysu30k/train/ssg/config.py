@@ -62,7 +62,7 @@ class SSGConfig:
         check(self.model)
 
     @classmethod
-    def for_stage(cls, stage: str, **overrides) -> "SSGConfig":
+    def for_stage(cls, stage: str, **overrides) -> SSGConfig:
         """The released settings of ``stage`` (source: :data:`SOURCE_DEFAULTS`), then ``overrides`` (None
         values are ignored)."""
         if stage not in STAGES:

@@ -204,7 +204,8 @@ def train_features(model: torch.nn.Module, dst_url: str, keys: list[str] | None,
                    device: torch.device) -> torch.Tensor:
     """cat(f_g, f_up, f_low) of DST's training images (``keys`` in that order, or all), flip-summed and
     not normalised, as the evaluator's extraction makes them (resize only, SSG.md §2.2)."""
-    loader = EvalLoader(dst_url, "train", run.eval_batch, TransformSpec(height=cfg.height, width=cfg.width, train=False),
+    spec = TransformSpec(height=cfg.height, width=cfg.width, train=False)
+    loader = EvalLoader(dst_url, "train", run.eval_batch, spec,
                         LoaderOptions(decoder=run.decoder, workers=run.workers, storage_options=run.storage_options),
                         flip=True, keys=frozenset(keys) if keys is not None else None)
     feats, got, _, _ = extract_features(model, loader, device, flip=True, normalize=False)

@@ -123,7 +123,8 @@ def test_dali_reads_shards_with_written_index(packed):
 
     @pipeline_def(batch_size=len(rows), num_threads=2, device_id=None)
     def pipe():
-        raw = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx")) for t in tars],
+        raw = fn.readers.webdataset(paths=[str(t) for t in tars],
+                                    index_paths=[str(t.with_suffix(".idx")) for t in tars],
                                     ext=["jpg"], random_shuffle=False, name="reader")
         return raw, fn.decoders.image(raw, device="cpu", output_type=types.RGB)
 

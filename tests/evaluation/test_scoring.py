@@ -193,7 +193,8 @@ def test_adversarial():
     assert s.first_rank[2] == -1 and s.first_rank[3] == -1 and s.first_rank[4] == -1
     assert s.n_good[1] == 4
     # query 5: its match has score 0 and every other valid gallery item scores >= 0: ranked last
-    assert s.first_rank[5] == len(gl) - 2          # every negative ties or beats it; only itself and the -1 junk excluded
+    # every negative ties or beats it; only itself and the -1 junk excluded
+    assert s.first_rank[5] == len(gl) - 2
 
 
 def test_distractor_query_and_junk_label():

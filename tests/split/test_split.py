@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY
-from sysu30k.manifests import SPLIT_SUMMARY
 
 from sysu30k import manifests
 from sysu30k.errors import UserError
 from sysu30k.ingest.config import ShardingOptions, ShardJob
 from sysu30k.ingest.shard import run_shard
+from sysu30k.manifests import SPLIT_SUMMARY
 from sysu30k.release.constants import DISTRACTOR_PID, GALLERY_CAMID, OFFICIAL_TEST_IDS, QUERY_CAMID
 from sysu30k.split.build import build_splits
 from sysu30k.split.checks import EXAMPLES, check_counts, check_split

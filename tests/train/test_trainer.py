@@ -11,38 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ENV, cli, pack_synth, records
 from ddp import torchrun_cli
 
-from sysu30k.model.checkpoint import load
+from sysu30k.model.checkpoint import load, save
 from sysu30k.model.network import build_model
 
 ARGS = ["--arch", "resnet18", "--embedding", "32", "--height", "64", "--width", "32", "--bags", "4",
         "--per-bag", "6", "--optimizer", "adam", "--lr", "0.001", "--head-lr-mult", "10", "--workers", "0",
         "--decoder", "pil", "--device", "cpu"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from sysu30k.ingest.config import ShardingOptions, ShardJob
-    from sysu30k.ingest.shard import run_shard
-    from sysu30k.synth import write_synth
-    from sysu30k.synth.config import SynthConfig
-
     root = tmp_path_factory.mktemp("train")
-    write_synth(str(root / "raw"), SynthConfig(folders=8, images_per_folder=8, test_ids=4, distractors=6, seed=2,
-                                               impurity=0.0))
-    run_shard(str(root / "raw"), str(root / "dst"), ShardJob(ShardingOptions(shard_count=20)), show_progress=False)
-    return root / "dst"
-
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "sysu30k", "-q", *args], env=ENV, capture_output=True, text=True,
-                          **kw)
-
-
-def epochs(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+    return pack_synth(root / "raw", root / "dst", 20, folders=8, images_per_folder=8, test_ids=4, distractors=6,
+                      seed=2, impurity=0.0)
 
 
 def weights(path: Path) -> dict:
@@ -55,10 +39,10 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def test_a_tiny_run_lowers_the_loss_and_checkpoints_rebuild(packed, tmp_path):
     run = tmp_path / "run"
-    result = cli("train-weak", str(packed), "--out", str(run), "--method", "folder", "--epochs", "4", "--keep-every", "1",
-                 *ARGS)
+    result = cli("train-weak", str(packed), "--out", str(run), "--method", "folder", "--epochs", "4",
+                 "--keep-every", "1", *ARGS)
     assert result.returncode == 0, result.stderr
-    losses = [e["train_total"] for e in epochs(run)]
+    losses = [e["train_total"] for e in records(run, "epoch")]
     assert len(losses) == 4 and losses[-1] < losses[0] * 0.9, losses
     state = torch.load(run / "best.pt", weights_only=True)
     assert state["config"]["method"] == "folder" and state["config"]["model"]["num_classes"] == 8
@@ -88,7 +72,8 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(packed, t
     assert state["loader"]["epoch"] == 0 and 0 < state["loader"]["consumed"]          # stopped mid-epoch 1
     assert cli("train-weak", str(packed), "--out", str(stopped), *args).returncode == 0
     assert same_weights(weights(straight / "last.pt"), weights(stopped / "last.pt"))
-    assert load(stopped / "last.pt")["optimizer"]["state"].keys() == load(straight / "last.pt")["optimizer"]["state"].keys()
+    optimizer_state = [load(run / "last.pt")["optimizer"]["state"].keys() for run in (stopped, straight)]
+    assert optimizer_state[0] == optimizer_state[1]
 
 
 def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(packed, tmp_path):
@@ -119,10 +104,38 @@ def test_other_settings_on_an_existing_run_are_refused(packed, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+def test_a_checkpoint_from_before_the_optimiser_variants_resumes_as_it_was_trained(packed, tmp_path):
+    """Runs written before --nesterov/--amsgrad existed hold configs without them; they trained with Nesterov
+    SGD / AMSGrad Adam, so they resume with those and are refused with the other variant."""
+    run = tmp_path / "run"
+    assert cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS).returncode == 0
+    state = load(run / "last.pt")
+    assert state["config"]["amsgrad"] is True and state["config"]["nesterov"] is True
+    for key in ("amsgrad", "nesterov"):
+        del state["config"][key]
+    save(run / "last.pt", state)
+    assert cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", "--no-amsgrad", *ARGS).returncode == 2
+    resumed = cli("train-weak", str(packed), "--out", str(run), "--epochs", "2", *ARGS)
+    assert resumed.returncode == 2 and "other settings" in resumed.stderr     # --epochs is part of the config
+    assert cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS).returncode == 0
+    assert len(records(run, "epoch")) == 1                                    # resumed: nothing left to train
+
+
+def test_a_config_file_trains_what_it_says_and_flags_override_it(packed, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('method = "folder"\nper_bag = 5\nlr = 0.002\nepochs = 3\n')
+    run = tmp_path / "run"
+    r = cli("train-weak", str(packed), "--out", str(run), "--config", str(recipe), "--epochs", "0", *ARGS)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["method"], config["per_bag"], config["epochs"]) == ("folder", 6, 0)   # ARGS give --per-bag 6
+    assert config["lr"] == 0.001                                                          # and --lr 0.001
+
+
 def test_torchrun_two_ranks_on_cpu(packed, tmp_path):
     run = tmp_path / "ddp"
     result = subprocess.run([*torchrun_cli(2), "train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    record = epochs(run)[-1]
+    record = records(run, "epoch")[-1]
     assert record["step"] >= 1 and (run / "best.pt").exists()

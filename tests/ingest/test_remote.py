@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import s3fs
-from conftest import tree_digest
+from conftest import cli, tree_digest
 from faultproxy import FaultProxy
 
 from sysu30k.errors import UserError
@@ -57,11 +57,6 @@ def same_output(a: Path, b: Path) -> bool:
         assert {**ja, "source": None} == {**jb, "source": None}, rel
         da.pop(rel), db.pop(rel)
     return da == db
-
-
-def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "sysu30k", "-q", *args], env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, **kw)
 
 
 def test_local_to_s3_and_s3_to_s3_are_byte_identical_to_local(fs, bucket, tiny_tree, reference, tmp_path):

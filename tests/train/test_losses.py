@@ -39,7 +39,8 @@ def test_balanced_assignment_quotas():
     got = pseudo_labels_balanced(logits, classes, torch.zeros(6, dtype=torch.long))
     assert torch.bincount(got, minlength=3).tolist() == [2, 2, 2]
     assert got[:2].tolist() == [0, 0]                          # the two strongest class-0 votes are locked
-    assert got.tolist() == [0, 0, 2, 1, 2, 1]                  # round 2: class 2 wins 2 of 4 votes (4 vs 1)... see below
+    # round 2: class 2 wins 2 of 4 votes (4 vs 1)... see below
+    assert got.tolist() == [0, 0, 2, 1, 2, 1]
 
 
 def test_balanced_assignment_per_bag_and_uneven_sizes():

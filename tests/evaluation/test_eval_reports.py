@@ -2,8 +2,6 @@
 user errors; plus a checkpoint end to end on the tiny packed tree (features through the loader, cache)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import cli as subprocess_cli
 from PIL import Image
 
 from sysu30k import manifests
@@ -50,9 +49,8 @@ def run(*args):
 
 
 def cli_main(*args, cwd=None):
-    """The real entry point (user errors: one line, exit 2)."""
-    return subprocess.run([sys.executable, "-m", "sysu30k", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    """The real entry point, not quieted (user errors: one line, exit 2)."""
+    return subprocess_cli(*args, quiet=False, cwd=cwd, timeout=120)
 
 
 def assert_png(path: Path, min_w=200, min_h=150):
@@ -143,10 +141,10 @@ def test_compare(feats, tmp_path):
     r = run("eval", "--compare", a, b)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert "B-A" in lines[0] and any(l.startswith("Rank-1") for l in lines)
+    assert "B-A" in lines[0] and any(line.startswith("Rank-1") for line in lines)
     ma = json.loads((a / "metrics.json").read_text())["metrics"]
     mb = json.loads((b / "metrics.json").read_text())["metrics"]
-    rank1 = next(l for l in lines if l.startswith("Rank-1")).split()
+    rank1 = next(line for line in lines if line.startswith("Rank-1")).split()
     assert rank1[1:] == [f"{100 * ma['rank1']:.2f}", f"{100 * mb['rank1']:.2f}",
                          f"{100 * (mb['rank1'] - ma['rank1']):+.2f}"]
     assert sorted(p.name for p in tmp.rglob("*")) == before           # writes nothing

@@ -8,9 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import pack_synth
 
-from sysu30k.ingest.config import ShardingOptions, ShardJob
-from sysu30k.ingest.shard import run_shard
 from sysu30k.loader import BagSpec, EvalLoader, LoaderOptions, TrainLoader, TransformSpec
 from sysu30k.loader import loader as loader_module
 from sysu30k.loader.catalog import ShardEntries, assign_streams
@@ -23,14 +22,9 @@ SMALL = TransformSpec(height=64, width=32, pad=4)
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from sysu30k.synth import write_synth
-    from sysu30k.synth.config import SynthConfig
-
     root = tmp_path_factory.mktemp("loader")
-    write_synth(str(root / "raw"), SynthConfig(folders=24, images_per_folder=10, test_ids=6, distractors=10,
-                                               height=144, seed=5), workers=2)
-    run_shard(str(root / "raw"), str(root / "dst"), ShardJob(ShardingOptions(shard_count=24)), show_progress=False)
-    return root / "dst"
+    return pack_synth(root / "raw", root / "dst", 24, workers=2, folders=24, images_per_folder=10, test_ids=6,
+                      distractors=10, height=144, seed=5)
 
 
 def train_keys(dst) -> dict[str, int]:
@@ -71,7 +65,7 @@ def test_bag_batches_respect_bags_and_labels(packed):
     windows = collections.Counter()
     for b in batches:
         assert b.images.shape == (SPEC.batch_size, 3, 64, 32) and b.images.dtype == torch.uint8
-        for key, valid, bag, labels, folder in zip(b.keys, b.valid, b.bag, b.bag_labels, b.folder):
+        for key, valid, labels, folder in zip(b.keys, b.valid, b.bag_labels, b.folder):
             assert int(folder) == truth[key]
             if valid:
                 assert int(folder) in labels.tolist()                 # the image's folder is in its bag's label
@@ -87,7 +81,8 @@ def test_two_ranks_two_workers_visit_each_image_exactly_once(packed):
     truth = train_keys(packed)
     seen, lengths = collections.Counter(), []
     for rank in range(2):
-        loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, decoder="pil", workers=2, rank=rank, world=2))
+        options = LoaderOptions(normalize=False, decoder="pil", workers=2, rank=rank, world=2)
+        loader = TrainLoader(str(packed), SPEC, SMALL, options)
         batches = list(loader)
         lengths.append(len(batches))
         assert len(batches) == len(loader)
@@ -119,8 +114,10 @@ def test_epochs_differ_and_mid_epoch_resume_continues_the_same_order(packed):
 @pytest.mark.parametrize("size, tolerance", [((144, 72), 0), ((256, 128), 1)], ids=["native", "default-256x128"])
 def test_decoders_agree_on_the_same_keys(packed, size, tolerance):
     spec = TransformSpec(height=size[0], width=size[1], pad=4)
-    pil = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(normalize=False, decoder="pil", workers=0, seed=2)))
-    dali = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(normalize=False, decoder="dali", workers=0, seed=2)))
+    pil = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(normalize=False, decoder="pil", workers=0,
+                                                                   seed=2)))
+    dali = epoch(TrainLoader(str(packed), SPEC, spec, LoaderOptions(normalize=False, decoder="dali", workers=0,
+                                                                    seed=2)))
     assert [p[0] for p in pil] == [d[0] for d in dali]
     assert any(p[4].float().std() > 10 for p in pil)
     diff = max(float((p[4].int() - d[4].int()).abs().max()) for p, d in zip(pil, dali))
@@ -173,7 +170,8 @@ def test_streams_from_s3_like_local_files(s3, packed, tmp_path):
     fs.put(str(packed) + "/", "loader/dst/", recursive=True)
     local = epoch(TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=False, workers=2, seed=4)))
     for cache in (None, str(tmp_path / "cache")):
-        remote = epoch(TrainLoader("s3://loader/dst", SPEC, SMALL, LoaderOptions(normalize=False, workers=2, seed=4, cache_dir=cache)))
+        remote = epoch(TrainLoader("s3://loader/dst", SPEC, SMALL,
+                                   LoaderOptions(normalize=False, workers=2, seed=4, cache_dir=cache)))
         assert [r[0] for r in remote] == [x[0] for x in local]
         assert all(torch.equal(r[4], x[4]) for r, x in zip(remote, local))
     assert len(list((tmp_path / "cache").glob("*.tar"))) == len(list((packed / "shards").glob("train-*.tar")))
