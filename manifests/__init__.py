@@ -40,7 +40,7 @@ def schema(table: str) -> pa.Schema:
 
 
 def _layout(name: str) -> str:
-    return contract()["layout"][name]
+    return contract()["layout"][name]["path"]
 
 
 SHARD_DIR = _layout("shards")
@@ -65,9 +65,10 @@ def markdown() -> str:
     out = ["# Manifest contract", "",
            f"Generated from `schema.toml` (version {contract()['version']}) by `python -m sysu30k.manifests`; "
            "do not edit by hand.", "",
-           "A dataset root DST written by `sysu30k shard` holds `shards/<subset>-NNNNNN.tar` (WebDataset, one "
-           "member `KEY.jpg` per sample), `shards/<subset>-NNNNNN.idx` (DALI index v1.2), the tables below, and "
-           "`manifests/summary.json`, written last: a DST without it is incomplete.", ""]
+           "A dataset root DST written by `sysu30k shard` holds the tables below and these paths:", "",
+           "| path | what |", "|---|---|"]
+    out += [f"| `{e['path']}` | {e['doc']} |" for e in contract()["layout"].values()]
+    out.append("")
     for name, spec in contract()["tables"].items():
         out += [f"## {name} (`{spec['file']}`)", "", spec["doc"], "",
                 "| column | type | nullable | meaning |", "|---|---|---|---|"]

@@ -14,13 +14,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))   # test helpers (imagefiles) import as plain modules
 
 TINY = dict(folders=8, images_per_folder=6, test_ids=5, distractors=12, height=144, seed=1)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # for Popen; cli() reads os.environ when called (the s3 fixture sets it)
 
 
 def cli(*args, quiet: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """``python -m sysu30k [-q] ARGS`` in a subprocess: the real entry point (one-line errors, exit codes)."""
     return subprocess.run([sys.executable, "-m", "sysu30k", *(["-q"] if quiet else []), *map(str, args)],
-                          env={**ENV, **(env or {})}, capture_output=True, text=True, **kw)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
+                          **kw)
 
 
 def records(run: Path, event: str) -> list[dict]:
