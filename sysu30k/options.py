@@ -201,10 +201,13 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def check(obj: Any) -> None:
-    """Raise UserError when a field of the dataclass ``obj`` breaks its declared range or choices, so
-    library callers meet the same limits as the command line."""
+    """Raise UserError when a field of the dataclass ``obj`` (or of a dataclass inside it) breaks its declared
+    range or choices, so library callers meet the same limits as the command line."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value)
+            continue
         meta = f.metadata
         if not meta.get("cli") or value is None or meta.get("type") is not None:
             continue

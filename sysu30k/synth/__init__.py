@@ -1,4 +1,9 @@
-"""Deterministic synthetic SYSU-30k-shaped datasets: procedural pedestrians in the released layout."""
+"""``sysu30k synth``: deterministic SYSU-30k-shaped datasets, procedural pedestrians in the released layout.
+
+``config`` (what to generate), ``render`` (one pedestrian), ``tree`` (the release-shaped tree and its
+truth.csv), ``truth`` (reading the oracle labels back against a packed DST). Upstream of the pipeline: may
+import ``sysu30k.io``, ``sysu30k.release`` and the manifest contract, never a stage that reads its output.
+"""
 
 from .config import SynthConfig
 from .render import render_person

@@ -74,8 +74,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
-        check(self.model)
-        check(self.weights)
 
     def to_dict(self) -> dict:
         d = asdict(self)

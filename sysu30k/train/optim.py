@@ -7,6 +7,8 @@ released: plain), so the same flag never means two things.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..errors import UserError
@@ -23,15 +25,26 @@ def param_groups(model: torch.nn.Module, lr: float, head_lr_mult: float) -> list
     return [{"params": body, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
 
 
-def build_optimizer(model: torch.nn.Module, *, kind: str, lr: float, head_lr_mult: float, weight_decay: float,
-                    momentum: float, nesterov: bool, amsgrad: bool) -> torch.optim.Optimizer:
-    """The optimiser ``kind`` over :func:`param_groups` of ``model``; ``nesterov`` applies to sgd, ``amsgrad``
-    to adam."""
-    groups = param_groups(model, lr, head_lr_mult)
-    if kind == "sgd":
-        if nesterov and momentum <= 0:
+class OptimizerSettings(Protocol):
+    """What the builder reads from a trainer's config (``TrainConfig`` and ``SSGConfig`` both have it)."""
+
+    optimizer: str
+    lr: float
+    head_lr_mult: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    amsgrad: bool
+
+
+def build_optimizer(model: torch.nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    """The optimiser ``s.optimizer`` over :func:`param_groups` of ``model``; ``nesterov`` applies to sgd,
+    ``amsgrad`` to adam."""
+    groups = param_groups(model, s.lr, s.head_lr_mult)
+    if s.optimizer == "sgd":
+        if s.nesterov and s.momentum <= 0:
             raise UserError("--nesterov needs a --momentum above 0")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    if kind == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=s.lr, weight_decay=s.weight_decay, amsgrad=s.amsgrad)
     raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")

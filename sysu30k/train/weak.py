@@ -54,9 +54,7 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     model = build_model(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
-                                weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                amsgrad=cfg.amsgrad)
+    optimizer = build_optimizer(model, cfg)
     s = Session(out=out_dir, dst_url=dst_url, fmt=FORMAT, config=cfg.to_dict(), legacy=LEGACY, model=model,
                 optimizer=optimizer, device=device, run=run, height=cfg.height, width=cfg.width, rank=rank, world=world,
                 schedule=torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_steps), cfg.lr_gamma))

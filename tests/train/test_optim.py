@@ -1,6 +1,8 @@
 """The one optimiser builder: the variant each flag asks for, the groups' learning rates, and each trainer's
 default variant (DGL as released: Nesterov SGD / AMSGrad Adam; SSG as released: plain)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ class Net(torch.nn.Module):
 
 def built(kind: str, **kw) -> torch.optim.Optimizer:
     args = dict(lr=0.1, head_lr_mult=10.0, weight_decay=1e-4, momentum=0.9, nesterov=False, amsgrad=False)
-    return build_optimizer(Net(), kind=kind, **{**args, **kw})
+    return build_optimizer(Net(), SimpleNamespace(optimizer=kind, **{**args, **kw}))
 
 
 @pytest.mark.parametrize("kind,flag,cls,key", [("sgd", "nesterov", torch.optim.SGD, "nesterov"),
@@ -49,8 +51,6 @@ def test_each_trainer_states_its_released_default():
 
 def test_validation_reads_with_the_runs_decoder(monkeypatch):
     """The per-epoch validation extracts with the decoder and storage options the run was given."""
-    from types import SimpleNamespace
-
     import sysu30k.evaluation.run as evaluation
     from sysu30k.train.config import RunOptions
     from sysu30k.train.loop import _validate

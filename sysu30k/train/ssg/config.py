@@ -59,7 +59,6 @@ class SSGConfig:
 
     def __post_init__(self) -> None:
         check(self)
-        check(self.model)
 
     @classmethod
     def for_stage(cls, stage: str, **overrides) -> SSGConfig:

@@ -87,9 +87,7 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
         model.load_state_dict(source_weights, strict=False)
         model.classifier.requires_grad_(False)          # no classifier in adaptation (SSG.md §2.1)
     model = model.to(device)
-    optimizer = build_optimizer(model, kind=cfg.optimizer, lr=cfg.lr, head_lr_mult=cfg.head_lr_mult,
-                                weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                amsgrad=cfg.amsgrad)
+    optimizer = build_optimizer(model, cfg)
     decay = ExpDecay(cfg.decay_from, cfg.epochs) if cfg.stage == "source" else ExpDecay(0, 0)
     s = Session(out=out_dir, dst_url=dst_url, fmt=FORMAT, config=cfg.to_dict(), legacy=LEGACY, model=model,
                 optimizer=optimizer, device=device, run=run, height=cfg.height, width=cfg.width, rank=rank, world=world,
