@@ -9,13 +9,14 @@ STAMP  := $(VENV)/.stamp-setup
 setup: $(STAMP)
 
 # Pinned install (ENVIRONMENT.md §8): torch from the local CPU wheel, torchvision 0.28.0 without its deps
-# (the +cu130 build; sysu30k.io.compat guards its ops), then Pillow-SIMD last so nothing puts Pillow back.
+# (the +cu130 build; sysu30k.io.compat guards its ops), then Pillow-SIMD last so nothing puts Pillow back
+# (reinstalled by force: on a rerun, removing a stock Pillow that a dependency pulled in also removes PIL/).
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps torchvision==0.28.0
 	$(BIN)/pip uninstall -y -q pillow || true
-	CC="cc -mavx2" $(BIN)/pip install -q --no-deps pillow-simd==12.1.1.post0
+	CC="cc -mavx2" $(BIN)/pip install -q --no-deps --force-reinstall pillow-simd==12.1.1.post0
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import PIL; assert 'post' in PIL.__version__, 'Pillow-SIMD did not install: ' + PIL.__version__"
 	touch $(STAMP)

@@ -238,10 +238,18 @@ def _start_run(ctx: click.Context, values: dict) -> tuple[str, dict, RunOptions]
     return out_dir, values, build(RunOptions, values)
 
 
-def _done(out_dir: str, record: dict) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        val = f" (val rank-1 {record['val_rank1']:.3f})" if "val_rank1" in record else ""
-        click.echo(f"done: {out_dir}/best.pt{val}")
+def _done(out_dir: str) -> None:
+    """The closing line: best.pt and the val rank-1 it was kept for (read from best.pt itself)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from .model.checkpoint import load
+
+    best = os.path.join(out_dir, "best.pt")
+    if not os.path.exists(best):
+        click.echo(f"done: {out_dir}/last.pt (no best.pt: no epoch had a finite validation)")
+        return
+    rank1 = load(best).get("best_rank1")
+    click.echo(f"done: {best}" + (f" (val rank-1 {rank1:.3f})" if rank1 is not None else ""))
 
 
 @cli.command("train-weak")
@@ -260,7 +268,8 @@ def train_weak(ctx: click.Context, dst: str, **values) -> None:
     from .train.weak import train
 
     out_dir, values, run = _start_run(ctx, values)
-    _done(out_dir, train(dst, out_dir, build(TrainConfig, values), run))
+    train(dst, out_dir, build(TrainConfig, values), run)
+    _done(out_dir)
 
 
 _SSG_FIELDS = {f.name for f in dataclasses.fields(SSGConfig)} - {"model", "stage"}
@@ -299,7 +308,8 @@ def train_ssg(ctx: click.Context, dst: str, truth: str | None, **values) -> None
     cfg = SSGConfig.for_stage(stage, model=build(ModelConfig, values, head="ssg"),
                               **{k: v for k, v in values.items() if k in _SSG_FIELDS})
     labels = {k: t for k, (t, _) in read_truth(truth, dst, run.storage_options).items()} if truth else None
-    _done(out_dir, train(dst, out_dir, cfg, run, labels))
+    train(dst, out_dir, cfg, run, labels)
+    _done(out_dir)
 
 
 def main() -> None:

@@ -157,7 +157,16 @@ def read_features(path, storage: Storage | None = None) -> FeatureSet:
     with warnings.catch_warnings():          # Arrow's buffer is read-only; a copy would double the peak memory
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         feats = torch.from_numpy(np.ascontiguousarray(flat).reshape(n, d))
+    if not pa.types.is_string(table.schema.field("key").type) and not pa.types.is_large_string(
+            table.schema.field("key").type):
+        raise UserError(f"{path}: column 'key' must hold strings, not {table.schema.field('key').type}")
+    if table["key"].null_count:
+        raise UserError(f"{path}: {table['key'].null_count} row(s) have no key")
     keys = table["key"].to_pylist()
+    if len(set(keys)) != n:
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise UserError(f"{path}: {n - len(set(keys))} duplicate key(s), e.g. {dup}: each image must appear once")
 
     def labels(name):
         if name not in names or table[name].null_count == n:
@@ -178,12 +187,17 @@ def join_split(fs: FeatureSet, dst: Storage, split: str, role: str, path: str = 
     if not dst.exists(rel):
         raise UserError(f"{path or 'a feature file'} has no pid/camid and {dst.url} has no {rel} to join with "
                         f"(run `sysu30k split` first)")
-    t = read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid"], filters=[("split", "=", split)])
+    t = read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid"],
+                     filters=[("split", "=", split), ("role", "=", role)])
     lookup = {k: (p, c) for k, p, c in zip(t["key"].to_pylist(), t["pid"].to_pylist(), t["camid"].to_pylist())}
     missing = [k for k in fs.keys if k not in lookup]
     if missing:
-        raise UserError(f"{len(missing)} key(s) of {path or role} are not in the {split} split of {rel}, "
-                        f"e.g. {missing[0]}")
+        raise UserError(f"{len(missing)} key(s) of {path or role} are not {role} images of the {split} split of "
+                        f"{rel}, e.g. {missing[0]}")
+    if len(fs.keys) != len(lookup):                 # keys are unique (read_features), so some images are absent
+        absent = next(k for k in lookup if k not in set(fs.keys))
+        raise UserError(f"{path or role} has features of {len(fs.keys)} of the {len(lookup)} {role} images of the "
+                        f"{split} split, e.g. not {absent}: a score over part of the split is not the split's")
     pids = np.array([lookup[k][0] if lookup[k][0] is not None else -1 for k in fs.keys], np.int64)
     cams = np.array([lookup[k][1] if lookup[k][1] is not None else -1 for k in fs.keys], np.int64)
     return FeatureSet(fs.keys, fs.pids if fs.pids is not None else pids,

@@ -4,11 +4,13 @@ and write the run folder (:mod:`sysu30k.evaluation.reports`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -16,7 +18,7 @@ from .. import manifests
 from ..errors import UserError
 from ..io.device import resolve_device
 from ..io.storage import Storage
-from ..loader import EvalLoader, LoaderOptions, TransformSpec
+from ..loader import EvalLoader, LoaderOptions, TransformSpec, resolve_decoder
 from ..model import build_model
 from ..model.checkpoint import load as load_checkpoint
 from .config import EvalOptions
@@ -51,8 +53,10 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
 
 def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalOptions = EvalOptions(),
                         dtype: torch.dtype = torch.float32) -> dict:
-    """Extract features of ``split`` with the model of ``checkpoint`` (cached in ``out_dir`` as
-    ``features-<split>-<sha1[:12]>.parquet``), score them, write the run folder; returns metrics.json."""
+    """Extract features of ``split`` with the model of ``checkpoint``, score them, write the run folder; returns
+    metrics.json. The features are cached in ``out_dir`` as ``features-<split>-<digest>.parquet``, keyed by
+    everything that decides them (:func:`_feature_settings`) and reused only on an exact match that covers
+    the split's images exactly."""
     split, flip, normalize = opts.split, opts.flip, opts.normalize
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
@@ -62,20 +66,18 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
     trained = ckpt.get("config", {})                    # by default, extract at the size the model was trained at
     height, width = opts.height or trained.get("height", 256), opts.width or trained.get("width", 128)
     digest = _sha1(ckpt_path)[:12]
-    cache_rel = f"features-{split}-{digest}.parquet"
     out = Storage(out_dir)
     dst = Storage(dst_url, opts.storage_options)
     roles = split_roles(dst, split)
-    settings = {"flip": str(flip), "normalize": str(normalize), "size": f"{height}x{width}"}
-    if out.exists(cache_rel) and _cached_settings(out, cache_rel) == settings:
-        log.info("features: cached %s", out.path(cache_rel))
-        allf = read_features(cache_rel, out)
-    else:
+    settings = _feature_settings(ckpt_path, dst, opts, height, width, dtype)
+    cache_rel = f"features-{split}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}.parquet"
+    allf = _cached(out, cache_rel, settings, roles)
+    if allf is None:
         allf = extract_split(_model(ckpt, ckpt_path, dev), dst_url, split, roles, dev, opts.batch, opts.workers, flip,
                              normalize, height, width, opts.decoder, opts.storage_options, dtype)
         write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out,
                        metadata={"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split,
-                                 **settings})
+                                 "settings": settings})
         log.info("features: wrote %s", out.path(cache_rel))
     q, g = by_role(allf, roles)
     meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
@@ -96,14 +98,35 @@ def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts:
     return metrics
 
 
-def _cached_settings(out: Storage, rel: str) -> dict:
-    """The extraction settings a cached feature file was made with (from its Parquet metadata)."""
+def _feature_settings(ckpt_path: Path, dst: Storage, opts: EvalOptions, height: int, width: int,
+                      dtype: torch.dtype) -> str:
+    """Everything that decides a split's features, as canonical JSON: the checkpoint's bytes, the dataset
+    (its split manifest, and its shard list, which holds every tar's sha256), the split, the decoder and the
+    extraction settings. Another DST, a re-split or a re-packed tree gives other settings."""
+    def digest(rel: str) -> str | None:
+        return hashlib.sha256(dst.read(rel)).hexdigest() if dst.exists(rel) else None
+
+    return json.dumps({"checkpoint_sha1": _sha1(ckpt_path), "split_manifest": digest(manifests.relpath("split")),
+                       "shards_manifest": digest(manifests.relpath("shards")), "split": opts.split,
+                       "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
+                       "size": [height, width], "dtype": str(dtype)}, sort_keys=True)
+
+
+def _cached(out: Storage, rel: str, settings: str, roles: dict) -> FeatureSet | None:
+    """The cached features at ``rel`` when they were made with exactly ``settings`` and hold exactly the
+    split's images; None otherwise (extract again)."""
+    if not out.exists(rel):
+        return None
     try:
         with out.open(rel) as f:
-            meta = pq.read_schema(f).metadata or {}
-    except Exception:                     # unreadable: extract again
-        return {}
-    return {k: meta.get(k.encode(), b"").decode() for k in ("flip", "normalize", "size")}
+            made_with = (pq.read_schema(f).metadata or {}).get(b"settings", b"").decode()
+        cached = read_features(rel, out) if made_with == settings else None
+    except (OSError, UserError, pa.ArrowInvalid):        # unreadable or damaged: extract again
+        return None
+    if cached is None or set(cached.keys) != set(roles["query"]) | set(roles["gallery"]):
+        return None
+    log.info("features: cached %s", out.path(rel))
+    return cached
 
 
 def _sha1(path: Path) -> str:
@@ -162,11 +185,10 @@ def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict,
         feats, keys, _, _ = extract_features(model, loader, dev, flip=flip, normalize=normalize, dtype=dtype)
         got.update(zip(keys, feats))
     order = [k for k in roles["query"] + roles["gallery"] if k in got]
-    lost = len(roles["query"]) + len(roles["gallery"]) - len(order)
+    lost = [k for k in roles["query"] + roles["gallery"] if k not in got]
     if lost:
-        log.warning("features: %d image(s) of the %s split could not be read and are left out", lost, split)
-    if not order:
-        raise UserError(f"no image of the {split} split could be embedded")
+        raise UserError(f"{len(lost)} image(s) of the {split} split could not be read (damaged or missing in the "
+                        f"shards), e.g. {lost[0]}: a score without them would not be the split's")
     return FeatureSet(order, np.array([roles["pid"][k] for k in order], np.int64),
                       np.array([roles["camid"][k] for k in order], np.int64), torch.stack([got[k] for k in order]))
 
@@ -190,9 +212,11 @@ def by_role(allf: FeatureSet, roles: dict) -> tuple[FeatureSet, FeatureSet]:
     index = {k: i for i, k in enumerate(allf.keys)}
     out = []
     for role in ("query", "gallery"):
-        keys = [k for k in roles[role] if k in index]
-        if not keys:
-            raise UserError(f"the feature cache has no {role} image of this split; delete it and rerun")
+        keys = roles[role]
+        missing = [k for k in keys if k not in index]
+        if missing or not keys:
+            raise UserError(f"the features lack {len(missing)} {role} image(s) of this split, e.g. "
+                            f"{missing[0] if missing else '(none in the split)'}")
         rows = torch.as_tensor([index[k] for k in keys])
         out.append(FeatureSet(keys, allf.pids[rows.numpy()], allf.camids[rows.numpy()], allf.feats[rows]))
     return out[0], out[1]

@@ -101,6 +101,10 @@ def ap_from_ranks(ranks: np.ndarray) -> tuple[float, float]:
     return float(np.sum((old + precision) / 2) / n), float(precision.mean())
 
 
+class NonFiniteFeatures(UserError):
+    """Feature rows with NaN or infinite values: every comparison with them is false, so they would rank first."""
+
+
 def _as_tensor(x, name: str) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.dim() != 2:
@@ -108,6 +112,14 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if not t.is_floating_point():
         t = t.float()
     return t
+
+
+def _finite(t: torch.Tensor, keys, name: str) -> None:
+    """Refuse ``t`` when a row holds NaN or inf, naming how many rows and the first one's key."""
+    bad = torch.nonzero(~torch.isfinite(t).all(dim=1)).flatten()
+    if len(bad):
+        raise NonFiniteFeatures(f"{len(bad)} of {len(t)} {name} are not finite (NaN or inf), e.g. key "
+                                f"{keys[int(bad[0])]}: nothing is scored")
 
 
 def _labels(x, n: int, name: str) -> np.ndarray:
@@ -204,6 +216,8 @@ def score(query_feats, query_pids, query_camids, gallery_feats, gallery_pids, ga
     gkeys = np.asarray([str(i) for i in range(ng)] if gallery_keys is None else list(gallery_keys), dtype=object)
     if len(qkeys) != nq or len(gkeys) != ng:
         raise UserError("query/gallery keys must have one entry per feature row")
+    _finite(q, qkeys, "query features")
+    _finite(g, gkeys, "gallery features")
     dev = torch.device(device) if device is not None else g.device
     g = g.to(dev)
     if g.dtype != q.dtype:

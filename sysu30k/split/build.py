@@ -179,8 +179,11 @@ def _val_part(indices: tuple[int, ...], src: _Source, roles: dict[int, str], see
 def _mark_queries(part: pd.DataFrame, best: dict[int, int]) -> pd.DataFrame:
     """Make the best-scoring image of each query folder its query (camid QUERY_CAMID)."""
     part = part.copy()
-    pick = part["score"].to_numpy() == part["folder"].map(best).fillna(-1).astype(np.int64).to_numpy()
-    pick &= ~part["distractor"].to_numpy()
+    # In int64 throughout: a pandas map of the 63-bit scores gives float64 as soon as a partition holds a
+    # folder without a query (a distractor folder), and float64 keeps only 53 bits of them.
+    folders = part["folder"].to_numpy(dtype=np.int64, na_value=-1)
+    wanted = np.fromiter((best.get(int(f), -1) for f in folders), dtype=np.int64, count=len(folders))
+    pick = (part["score"].to_numpy(dtype=np.int64) == wanted) & ~part["distractor"].to_numpy(dtype=bool)
     part.loc[pick, "role"] = "query"
     part.loc[pick, "camid"] = QUERY_CAMID
     return part[list(_DTYPES)]

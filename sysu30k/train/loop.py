@@ -192,13 +192,14 @@ def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total
             if s.rank == 0:
                 val = _validate(s) if validate(epoch) else None
                 record.update({f"val_{k}": v for k, v in (val or {}).items()})
-                improved = val is not None and (s.best is None or val["rank1"] > s.best)
+                finite = val is not None and math.isfinite(val["rank1"])       # a NaN model never wins best.pt
+                improved = finite and (s.best is None or val["rank1"] > s.best)
                 s.best = val["rank1"] if improved else s.best
                 loader.set_epoch(epoch + 1)
                 s.save(s.out / "last.pt", loader, epoch + 1)
                 if s.run.keep_every and (epoch + 1) % s.run.keep_every == 0:
                     s.save(s.out / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", loader, epoch + 1)
-                if improved or (s.best is None and epoch == total - 1):
+                if improved or (s.best is None and val is None and epoch == total - 1):
                     s.save(s.out / "best.pt", loader, epoch + 1)
                 s.append(record)
                 log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
@@ -235,12 +236,17 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
 
 
 def _validate(s: Session) -> dict | None:
-    """Rank-1 and both mAPs on the val split, or None when DST has no val split."""
+    """Rank-1 and both mAPs on the val split, or None when DST has no val split; rank-1 NaN when the model's
+    features are not finite (such an epoch is recorded, and never becomes best.pt)."""
     from ..evaluation.run import evaluate_split
+    from ..evaluation.scoring import NonFiniteFeatures
 
     s.model.eval()
     try:
         return evaluate_split(s.model, s.dst_url, "val", s.device, s.height, s.width, s.run.eval_batch,
                               s.run.workers, s.run.storage_options, decoder=s.run.decoder)
+    except NonFiniteFeatures as exc:
+        log.warning("validation: %s; this epoch cannot become best.pt", exc)
+        return {"rank1": math.nan}
     finally:
         s.model.train()

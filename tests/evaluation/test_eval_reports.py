@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, pack_synth
 from conftest import cli as subprocess_cli
 from PIL import Image
 
@@ -225,11 +226,39 @@ def test_checkpoint_end_to_end(packed_split, tmp_path):
     r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--json", *small)
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["metrics"] == m["metrics"] and cache[0].stat().st_mtime_ns == mtime
-    # other extraction settings: extracted again (same file name: keyed by checkpoint and split)
+    # other extraction settings: extracted again, into a cache of their own (keyed by everything that decides them)
     r = run("eval", packed_split, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--no-flip", *small)
     assert r.exit_code == 0, r.output
-    assert cache[0].stat().st_mtime_ns != mtime
-    assert pq.read_schema(cache[0]).metadata[b"flip"] == b"False"
+    assert cache[0].stat().st_mtime_ns == mtime
+    (other,) = set(out.glob("features-test-*.parquet")) - set(cache)
+    assert json.loads(pq.read_schema(other).metadata[b"settings"])["flip"] is False
+
+
+def test_the_feature_cache_is_never_another_datasets(packed_split, tiny_tree, tmp_path):
+    """The same checkpoint, run folder and split name on a second dataset whose test images have the same keys
+    (another seed of the same synthetic shape): its own features and numbers, not the first one's."""
+    from sysu30k.model.config import ModelConfig
+    from sysu30k.model.network import build_model
+    from sysu30k.split.build import build_splits
+
+    other = pack_synth(tmp_path / "raw2", tmp_path / "dst2", 7, **{**TINY, "seed": TINY["seed"] + 1})
+    build_splits(str(other), scheduler="sync")
+    assert pq.read_table(other / "manifests/split.parquet")["key"] == pq.read_table(
+        packed_split / "manifests/split.parquet")["key"]                      # the keys alone cannot tell them apart
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", num_classes=8, embedding=32)
+    ckpt = tmp_path / "net.pth"
+    torch.save({"config": {"model": cfg.to_dict()}, "model": build_model(cfg).state_dict()}, ckpt)
+    args = ("--checkpoint", ckpt, "--workers", 0, "--device", "cpu", "--json", "--height", 64, "--width", 32)
+    first = run("eval", packed_split, *args, "--out", tmp_path / "shared")
+    second = run("eval", other, *args, "--out", tmp_path / "shared")
+    fresh = run("eval", other, *args, "--out", tmp_path / "fresh")
+    assert first.exit_code == second.exit_code == fresh.exit_code == 0, second.output
+    per_query = [pq.read_table(tmp_path / d / "per_query.parquet") for d in ("shared", "fresh")]
+    assert json.loads(second.output)["metrics"] == json.loads(fresh.output)["metrics"]
+    assert per_query[0].equals(per_query[1])
+    assert json.loads(first.output)["metrics"] != json.loads(second.output)["metrics"]
+    assert len(list((tmp_path / "shared").glob("features-test-*.parquet"))) == 2
 
 
 def test_evaluate_split_is_the_trainers_validation(packed_split, tmp_path):
@@ -248,3 +277,48 @@ def test_evaluate_split_is_the_trainers_validation(packed_split, tmp_path):
             "--height", 64, "--width", 32)
     assert r.exit_code == 0, r.output
     assert got == pytest.approx(json.loads(r.output)["metrics"]) and got["queries"] == 5
+
+
+def test_feature_files_that_would_give_a_wrong_number_are_refused(feats):
+    """NaN or inf rows (every comparison with NaN is false, so they ranked first: rank-1 = mAP = 1), duplicate,
+    integer or missing keys: refused with one line naming the problem, nothing scored."""
+    import pyarrow as pa
+
+    tmp, (qf, ql, qc, gf, gl, gc, qkeys, gkeys) = feats
+    bad_q = qf.copy()
+    bad_q[3, 0] = np.nan
+    write_features(tmp / "nan.parquet", qkeys, ql, qc, bad_q)
+    bad_g = gf.copy()
+    bad_g[[5, 9]] = np.inf
+    write_features(tmp / "inf.parquet", gkeys, gl, gc, bad_g)
+    write_features(tmp / "dup.parquet", qkeys[:-1] + qkeys[:1], ql, qc, qf)
+    table = pq.read_table(tmp / "query.parquet")
+    pq.write_table(table.set_column(0, "key", pa.array(range(len(qkeys)), pa.int64())), tmp / "intkeys.parquet")
+    pq.write_table(table.set_column(0, "key", pa.array([None] + qkeys[1:], pa.string())), tmp / "nullkeys.parquet")
+    cases = [("nan.parquet", "gallery.parquet", f"1 of {len(qkeys)} query features are not finite (NaN or inf), "
+              f"e.g. key {qkeys[3]}"),
+             ("query.parquet", "inf.parquet", f"2 of {len(gkeys)} gallery features are not finite"),
+             ("dup.parquet", "gallery.parquet", f"1 duplicate key(s), e.g. {qkeys[0]}"),
+             ("intkeys.parquet", "gallery.parquet", "must hold strings"),
+             ("nullkeys.parquet", "gallery.parquet", "1 row(s) have no key")]
+    for q, g, needle in cases:
+        p = cli_main("eval", "--query-features", tmp / q, "--gallery-features", tmp / g, "--out", tmp / f"out-{q}")
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+        assert not (tmp / f"out-{q}" / "metrics.json").exists()
+
+
+def test_keys_only_files_must_cover_their_role_of_the_split_exactly(packed_split, tmp_path):
+    split = pq.read_table(packed_split / "manifests/split.parquet").to_pylist()
+    q = [r["key"] for r in split if r["role"] == "query"]
+    g = [r["key"] for r in split if r["role"] == "gallery"]
+    rng = np.random.default_rng(0)
+    for name, keys in (("q", q), ("q-part", q[:-1]), ("g", g), ("g-as-q", g[:len(q)])):
+        f = rng.standard_normal((len(keys), 8)).astype(np.float32)
+        write_features(tmp_path / f"{name}.parquet", keys, None, None, f / np.linalg.norm(f, axis=1, keepdims=True))
+    ok = run("eval", packed_split, "--query-features", tmp_path / "q.parquet", "--gallery-features",
+             tmp_path / "g.parquet", "--out", tmp_path / "ok")
+    assert ok.exit_code == 0, ok.output
+    for query, needle in (("q-part", f"{len(q) - 1} of the {len(q)} query images"), ("g-as-q", "not query images")):
+        r = run("eval", packed_split, "--query-features", tmp_path / f"{query}.parquet", "--gallery-features",
+                tmp_path / "g.parquet", "--out", tmp_path / query)
+        assert r.exit_code != 0 and needle in str(r.exception), (query, r.exception)

@@ -395,3 +395,20 @@ def test_choose_holdout_limits():
         choose_holdout(counts, most + 1)
     with pytest.raises(UserError, match="2 images or more"):
         choose_holdout({f: 1 for f in range(1, 31)}, 4, 0, 2)
+
+
+def test_the_val_split_does_not_depend_on_sharding_or_partitioning(val_packed, scheduler, tmp_path, monkeypatch):
+    """One shard per 2 images vs one shard for everything, a local cluster vs no cluster, partitions of one row
+    group vs all: the same split.parquet. (The query pick once compared 63-bit hashes as float64.)"""
+    import sysu30k.split.build as build
+
+    src = val_packed.parent / "src"
+    tables = []
+    for shard_count, sched, partition_rows in ((2, scheduler, 1), (100_000, "sync", 100_000), (7, "sync", 1)):
+        dst = tmp_path / f"dst-{shard_count}-{partition_rows}"
+        run_shard(str(src), str(dst), ShardJob(ShardingOptions(shard_count=shard_count)), show_progress=False)
+        monkeypatch.setattr(build, "PARTITION_ROWS", partition_rows)
+        s = build_splits(str(dst), val_folders=8, val_block=4, seed=3, scheduler=sched)
+        assert s["splits"]["val"]["queries"] == len(s["val"]["query_folders"]) > 1
+        tables.append(pq.read_table(dst / manifests.relpath("split")))
+    assert tables[0].num_rows > 0 and all(t.equals(tables[0]) for t in tables[1:])

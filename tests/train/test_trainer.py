@@ -139,3 +139,31 @@ def test_torchrun_two_ranks_on_cpu(packed, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     record = records(run, "epoch")[-1]
     assert record["step"] >= 1 and (run / "best.pt").exists()
+
+
+def test_a_non_finite_validation_never_becomes_best_pt(packed, tmp_path, monkeypatch):
+    """A diverged epoch's features are NaN, and NaN scored rank-1 = 1.0 before; now such an epoch is recorded
+    (val_rank1 null) and never kept as best.pt, before or after a finite one."""
+    import sysu30k.evaluation.run as evaluation
+    from sysu30k.evaluation.scoring import NonFiniteFeatures
+    from sysu30k.model.config import ModelConfig
+    from sysu30k.train.config import RunOptions, TrainConfig
+    from sysu30k.train.weak import train
+
+    outcomes = iter([None, 0.5, None])                          # epochs 1 and 3 diverge, epoch 2 scores 0.5
+
+    def validation(*args, **kw):
+        rank1 = next(outcomes)
+        if rank1 is None:
+            raise NonFiniteFeatures("5 of 5 query features are not finite (NaN or inf), e.g. key q: nothing is scored")
+        return {"rank1": rank1, "mAP_official": 0.1}
+
+    monkeypatch.setattr(evaluation, "evaluate_split", validation)
+    cfg = TrainConfig(method="folder", model=ModelConfig(arch="resnet18", embedding=32), epochs=3, bags=4, per_bag=6,
+                      height=64, width=32, optimizer="adam", lr=1e-3)
+    train(str(packed), str(tmp_path / "run"), cfg, RunOptions(workers=0, decoder="pil", device="cpu",
+                                                               show_progress=False))
+    assert [r["val_rank1"] for r in records(tmp_path / "run", "epoch")] == [None, 0.5, None]
+    best = load(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 2 and best["best_rank1"] == 0.5
+    assert load(tmp_path / "run" / "last.pt")["best_rank1"] == 0.5
