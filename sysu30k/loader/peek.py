@@ -1,12 +1,13 @@
 """``sysu30k peek``: a contact sheet of one training batch, one row per bag, labelled with its weak label,
-so a user can see what the trainer is fed (augmentations included) before spending GPU hours."""
+so a user can see what the trainer is fed (augmentations included; normalised batches mapped back to their
+pixels) before spending GPU hours."""
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from . import BagSpec, Batch
+from .transforms import to_uint8
 
 _LABEL_W = 150
 
@@ -17,7 +18,7 @@ def batch_sheet(batch: Batch, spec: BagSpec, thumb_height: int = 96) -> Image.Im
     tw = max(1, round(w * thumb_height / h))
     sheet = Image.new("RGB", (_LABEL_W + spec.per_bag * (tw + 2), spec.bags * (thumb_height + 4)), "white")
     draw = ImageDraw.Draw(sheet)
-    images = batch.images.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+    images = to_uint8(batch.images).permute(0, 2, 3, 1).contiguous().numpy()
     slot = {}
     for i in range(n):
         bag = int(batch.bag[i])

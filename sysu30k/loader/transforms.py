@@ -105,3 +105,12 @@ def normalize_(out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [..., 3, H, W] → ImageNet-normalised into float32 ``out`` of the same shape and device."""
     scale, bias = _affine(out.device)
     return out.copy_(images).mul_(scale).add_(bias)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images as the decoder made them (uint8 [..., 3, H, W]): uint8 ones as they are, normalised float ones
+    (:func:`normalize_`) mapped back, rounded and clipped, so a picture of a batch shows what was trained on."""
+    if images.dtype == torch.uint8:
+        return images
+    scale, bias = _affine(images.device)
+    return ((images.float() - bias) / scale).round_().clamp_(0, 255).to(torch.uint8)

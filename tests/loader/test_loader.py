@@ -260,3 +260,22 @@ def test_crop_padding_scales_with_the_width_unless_given():
     assert TransformSpec(height=64, width=32, pad=0).pad == 0
     params = draw_params(500, TransformSpec(height=64, width=32), np.random.default_rng(0))
     assert params.crop_x.min() == 0 and params.crop_x.max() == 6
+
+
+def test_peek_draws_the_pixels_the_trainer_is_fed(packed):
+    """Batches the workers normalised (CPU training) are drawn as their decoded pixels, not as the float
+    values cast to uint8 (black backgrounds, clipped colours)."""
+    from sysu30k.loader.peek import batch_sheet
+    from sysu30k.loader.transforms import to_uint8
+
+    def batch(normalize: bool):
+        loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(normalize=normalize, decoder="pil", workers=0,
+                                                                      seed=3))
+        loader.load_state_dict({"epoch": 0, "consumed": 1})
+        return next(iter(loader))
+
+    decoded, normalised = batch(False), batch(True)
+    assert decoded.images.dtype == torch.uint8 and normalised.images.dtype == torch.float32
+    assert (to_uint8(normalised.images).int() - decoded.images.int()).abs().max() <= 1
+    sheets = [np.asarray(batch_sheet(b, SPEC), dtype=np.int16) for b in (decoded, normalised)]
+    assert np.abs(sheets[0] - sheets[1]).max() <= 1 and sheets[0].std() > 10
