@@ -13,6 +13,7 @@ from ..options import ByteSize, Listed, check, opt, storage_option_field
 from ..release.constants import SUBSETS
 
 VERIFY_MODES = ("full", "header")
+MAX_SOURCE_BYTES = 64 << 20      # a source file larger than this is rejected (too-large) unread: SYSU-30k's are ~3 KB
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,19 @@ from ..release.constants import (
     TEST_DIR,
     TRAIN_DIR,
 )
+from .config import MAX_SOURCE_BYTES
 from .keys import make_key
 
 TEST_NAME = re.compile(r"^(?P<id>\d+|0000others)_c(?P<cam>\d+)_(?P<k>\d+)\.jpe?g$", re.IGNORECASE)
 _EXAMPLES = 5
+PROBLEMS = {                      # the reject reason of an entry that is not read, and its detail
+    "not-a-file": "a FIFO, socket or device, not a regular file",
+    "symlink-outside": "a symbolic link that leads out of SRC",
+    "dangling-symlink": "a symbolic link to nothing",
+    "symlinked-folder": "a symbolic link to a folder (not followed: links to folders could loop)",
+    "bad-name": "the file name is not UTF-8",
+    "unreadable": "cannot be examined (permissions?)",
+}
 
 
 class SourceImage(NamedTuple):
@@ -113,8 +122,13 @@ def _read_meta(src: Storage, subset: str) -> MetaList | None:
     rel = f"{META_DIR}/{subset}.txt"
     if not src.exists(rel):
         return None
-    with src.open(rel) as f:
-        return MetaList(f)
+    if not src.is_regular_file(rel):
+        raise UserError(f"{src.url}/{rel} is not a regular file (a FIFO, device or folder?)")
+    try:
+        with src.open(rel) as f:
+            return MetaList(f)
+    except pa.ArrowInvalid as exc:
+        raise UserError(f"{src.url}/{rel} is not a UTF-8 list of paths: {str(exc).splitlines()[0]}") from None
 
 
 def present_subsets(src: Storage, subsets: tuple[str, ...] = SUBSETS) -> tuple[str, ...]:
@@ -149,17 +163,39 @@ def _stem(name: str) -> str:
     return name[:dot] if dot > 0 and name[:dot].lstrip(".") else name
 
 
+def _nested(src: Storage, subset: str, rel: str) -> Iterator[LayoutReject]:
+    """Rejects for everything under the nested folder ``rel`` (walked with the same safe listing)."""
+    try:
+        entries = src.listdir(rel)
+    except OSError as exc:
+        yield LayoutReject(subset, rel, "unreadable", f"folder cannot be listed: {exc.strerror or exc}")
+        return
+    for e in entries:
+        if e.is_dir:
+            yield from _nested(src, subset, f"{rel}/{e.name}")
+        elif e.problem is not None:
+            yield LayoutReject(subset, f"{rel}/{e.name}", e.problem, PROBLEMS[e.problem])
+        else:
+            yield LayoutReject(subset, f"{rel}/{e.name}", "bad-folder", "nested folder: images sit directly in "
+                               "their folder")
+
+
 def _walk_folder(src: Storage, subset: str, root: str, folder: str, entries: list[Entry], meta: MetaList | None,
                  report: SubsetReport) -> Iterator[SourceImage | LayoutReject]:
     base = f"{root}/{folder}"
-    files = [e for e in entries if not e.is_dir]
+    files = [e for e in entries if not e.is_dir and e.problem is None and e.size <= MAX_SOURCE_BYTES]
     for sub in (e for e in entries if e.is_dir):
-        for rel in src.find(f"{base}/{sub.name}"):
-            yield LayoutReject(subset, rel, "bad-folder", "nested folder: images sit directly in their folder")
-    report.on_disk += len(files)
+        yield from _nested(src, subset, f"{base}/{sub.name}")
+    for e in entries:
+        if e.problem is not None:
+            yield LayoutReject(subset, f"{base}/{e.name}", e.problem, PROBLEMS[e.problem])
+        elif not e.is_dir and e.size > MAX_SOURCE_BYTES:
+            yield LayoutReject(subset, f"{base}/{e.name}", "too-large",
+                               f"{e.size} bytes, over the {MAX_SOURCE_BYTES}-byte bound of a source image")
+    report.on_disk += sum(1 for e in entries if not e.is_dir)
     if meta is not None:
         listed = set(meta.take(folder))
-        on_disk = {e.name for e in files}
+        on_disk = {e.name for e in entries if not e.is_dir}
         for name in sorted(listed - on_disk):
             _record(report, "missing", f"{base}/{name}")
             yield LayoutReject(subset, f"{base}/{name}", "listed-missing",
@@ -200,18 +236,25 @@ def _record(report: SubsetReport, kind: str, path: str) -> None:
 
 
 def walk_subset(src: Storage, subset: str, report: SubsetReport) -> Iterator[SourceImage | LayoutReject]:
-    """Every input of ``subset`` in packing order (folders, then files, sorted by name)."""
+    """Every input of ``subset`` in packing order (folders, then files, sorted by name). What cannot be read
+    safely (see :class:`~sysu30k.io.storage.Entry`) is a reject with its reason, and the walk goes on."""
     root = subset_root(subset)
     meta = _read_meta(src, subset)
     report.listed = meta.count if meta is not None else None
     entries = src.listdir(root)
     listings = src.listdir_many(f"{root}/{e.name}" for e in entries if e.is_dir)
     for entry in entries:
-        if entry.is_dir:
-            yield from _walk_folder(src, subset, root, entry.name, next(listings), meta, report)
-        else:
+        path = f"{root}/{entry.name}"
+        if entry.problem is not None:
             report.on_disk += 1
-            yield LayoutReject(subset, f"{root}/{entry.name}", "bad-folder", "file outside an identity folder")
+            yield LayoutReject(subset, path, entry.problem, PROBLEMS[entry.problem])
+        elif not entry.is_dir:
+            report.on_disk += 1
+            yield LayoutReject(subset, path, "bad-folder", "file outside an identity folder")
+        elif isinstance(listing := next(listings), OSError):
+            yield LayoutReject(subset, path, "unreadable", f"folder cannot be listed: {listing.strerror or listing}")
+        else:
+            yield from _walk_folder(src, subset, root, entry.name, listing, meta, report)
     if meta is not None:
         for folder, names in meta.rest():
             for name in names:

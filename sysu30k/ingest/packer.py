@@ -18,10 +18,10 @@ import pyarrow as pa
 
 from .. import manifests
 from ..io.retry import RetryPolicy
-from ..io.storage import Storage
+from ..io.storage import NotRegularFile, Storage, TooLarge
 from ..io.tuning import tune_malloc
 from ..manifests import PARTS_DIR, SHARD_DIR
-from .config import ImageOptions
+from .config import MAX_SOURCE_BYTES, ImageOptions
 from .imageproc import Rejected, prepare
 from .plan import read_shard_rows, rows_digest, shard_name
 from .tarpack import ShardWriter
@@ -72,6 +72,9 @@ def is_complete(dst: Storage, shard: str, plan_sha256: str) -> ShardStats | None
     return stats
 
 
+_READ_REASONS = {NotRegularFile: "not-a-file", TooLarge: "too-large"}     # by the read's exception; else unreadable
+
+
 def start_worker() -> None:
     """Set up a local packing process (tuned malloc) before its first task."""
     tune_malloc()
@@ -83,14 +86,14 @@ def _with_sources(src: Storage, paths: list[str]) -> Iterator[bytes | Exception]
     chunks = [paths[i:i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
     if src.local:      # a reading thread would only trade the GIL back and forth with this one
         for chunk in chunks:
-            yield from src.read_many(chunk)
+            yield from src.read_many(chunk, MAX_SOURCE_BYTES)
         return
     with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(src.read_many, chunks[0]) if chunks else None
+        ahead = reader.submit(src.read_many, chunks[0], MAX_SOURCE_BYTES) if chunks else None
         for i in range(len(chunks)):
             data = ahead.result()
             if i + 1 < len(chunks):
-                ahead = reader.submit(src.read_many, chunks[i + 1])
+                ahead = reader.submit(src.read_many, chunks[i + 1], MAX_SOURCE_BYTES)
             yield from data
 
 
@@ -114,7 +117,7 @@ def pack_shard(task: ShardTask) -> ShardStats:
         for i, data in enumerate(_with_sources(src, paths)):
             try:
                 if isinstance(data, Exception):
-                    raise Rejected("unreadable", f"{type(data).__name__}: {data}")
+                    raise Rejected(_READ_REASONS.get(type(data), "unreadable"), f"{type(data).__name__}: {data}")
                 out = prepare(data, task.image)
             except Rejected as rej:
                 rejects.append({"path": paths[i], "subset": task.subset, "reason": rej.reason, "detail": rej.detail})

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from .. import manifests
+from ..errors import UserError
 from ..io.storage import Storage
 from ..manifests import PLAN_DIR
 from ..release.bags import Bag, consecutive_bags, parse_bag_json
@@ -101,7 +102,15 @@ class _ShardCutter:
 
 def _bags(src: Storage) -> tuple[list[Bag], str]:
     if src.exists(BAG_LABEL_JSON):
-        return parse_bag_json(src.read_text(BAG_LABEL_JSON)), BAG_LABEL_JSON
+        if not src.is_regular_file(BAG_LABEL_JSON):
+            raise UserError(f"{src.url}/{BAG_LABEL_JSON} is not a regular file (a FIFO, device or folder?)")
+        try:
+            text = src.read(BAG_LABEL_JSON).decode("utf-8")
+        except OSError as exc:
+            raise UserError(f"{src.url}/{BAG_LABEL_JSON} cannot be read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{src.url}/{BAG_LABEL_JSON} is not UTF-8 text (byte {exc.start})") from None
+        return parse_bag_json(text), BAG_LABEL_JSON
     return consecutive_bags(train_folders(src)), "consecutive-folder rule"
 
 

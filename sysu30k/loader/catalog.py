@@ -62,6 +62,9 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
     shard_col = table["shard"].to_numpy(zero_copy_only=False)
     if len(shard_col) == 0:
         return out
+    bad = next((s for s in pc.unique(table["shard"]).to_pylist() if not manifests.SHARD_NAME.match(s)), None)
+    if bad is not None:                                 # a name like ../../x would be read outside DST
+        raise UserError(f"{dst.url}/{rel} names shard {bad!r}, which is not <subset>-NNNNNN: a damaged manifest")
     bounds = np.flatnonzero(shard_col[1:] != shard_col[:-1]) + 1
     starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(shard_col)]])
     key, sha = table["key"].to_pylist(), table["sha256"].to_pylist()

@@ -274,3 +274,57 @@ def test_user_errors_are_one_line_exit_2(tiny_tree, tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len([ln for ln in lines if ln.strip()]) <= 3          # click usage errors add a usage line
+
+
+def test_src_is_read_safely_whatever_sits_in_it(tree_copy, tmp_path):
+    """FIFOs, devices, links out of SRC or to nothing, linked folders, undecodable names and oversized files
+    are rejects with a reason; the run neither hangs nor reads past SRC; nothing outside SRC is named in any
+    manifest; a link to an image inside SRC is packed as that image."""
+    from sysu30k.ingest.config import MAX_SOURCE_BYTES
+
+    train = tree_copy / "sysu_train_set_all"
+    folders = sorted(p for p in train.iterdir() if p.is_dir())
+    first, second = folders[0], folders[1]
+    outside = tmp_path / "outside"
+    (outside / "0000009999").mkdir(parents=True)
+    (outside / "secret.jpg").write_bytes(f.rgb_jpeg(seed=9))
+    (outside / "0000009999" / "stolen.jpg").write_bytes(f.rgb_jpeg(seed=8))
+    inside = sorted(first.glob("*.jpg"))[0]
+    os.mkfifo(first / "fifo.jpg")
+    os.symlink("/dev/zero", first / "zero.jpg")
+    os.symlink(outside / "secret.jpg", first / "secret.jpg")
+    os.symlink(tmp_path / "nothing.jpg", first / "dangling.jpg")
+    os.symlink(inside, second / "alias.jpg")
+    os.symlink(outside / "0000009999", train / "0000009999")
+    os.symlink(second, first / "linked-folder")                     # inside SRC, but a folder: could loop
+    with open(os.path.join(os.fsencode(first), b"caf\xe9.jpg"), "wb") as out:
+        out.write(f.rgb_jpeg())
+    with open(first / "huge.jpg", "wb") as out:                     # sparse: costs no disk
+        out.truncate(MAX_SOURCE_BYTES + 1)
+    dst = tmp_path / "dst"
+    r = subprocess.run([sys.executable, "-m", "sysu30k", "-q", "shard", str(tree_copy), str(dst),
+                        "--shard-count", "10"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rejects = {row["path"]: row["reason"] for row in pq.read_table(dst / "manifests/rejects.parquet").to_pylist()}
+    base = f"sysu_train_set_all/{first.name}"
+    assert {rejects.get(f"{base}/{name}") for name in ("fifo.jpg", "zero.jpg", "secret.jpg", "dangling.jpg",
+                                                     "linked-folder", "huge.jpg", "caf\\xe9.jpg")} == {
+        "not-a-file", "symlink-outside", "dangling-symlink", "symlinked-folder", "too-large", "bad-name"}
+    assert rejects[f"{base}/zero.jpg"] == rejects[f"{base}/secret.jpg"] == "symlink-outside"
+    assert rejects["sysu_train_set_all/0000009999"] == "symlink-outside"
+    images = {row["path"]: row for row in images_of(dst)}
+    alias = images[f"sysu_train_set_all/{second.name}/alias.jpg"]
+    assert alias["sha256"] == hashlib.sha256(inside.read_bytes()).hexdigest()
+    named = json.dumps([*images, *rejects, json.loads((dst / "manifests/summary.json").read_text())])
+    assert "stolen" not in named and str(outside) not in named
+
+
+def test_a_fifo_for_a_meta_list_or_the_bag_file_is_one_line_not_a_hang(tree_copy, tmp_path):
+    for rel in ("meta/train.txt", "bag_level_label.json"):
+        src = tmp_path / rel.replace("/", "-")
+        shutil.copytree(tree_copy, src)
+        (src / rel).unlink(missing_ok=True)
+        os.mkfifo(src / rel)
+        r = subprocess.run([sys.executable, "-m", "sysu30k", "-q", "shard", str(src), str(tmp_path / f"d-{src.name}")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "regular file" in r.stderr, r.stderr

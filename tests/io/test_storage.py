@@ -1,6 +1,7 @@
 """The local read path of the storage layer: the bytes of a file, whatever its size says at open."""
 
 import os
+import stat
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,7 @@ def test_local_read_does_not_trust_the_size_seen_at_open(tmp_path, monkeypatch, 
     """A file that grew or shrank between fstat and read is read to its real end."""
     data = os.urandom(5_000) * 500                      # 2.5 MB: longer than one follow-up read
     (tmp_path / "f.jpg").write_bytes(data)
-    monkeypatch.setattr(storage.os, "fstat", lambda fd: SimpleNamespace(st_size=reported))
+    monkeypatch.setattr(storage.os, "fstat", lambda fd: SimpleNamespace(st_size=reported, st_mode=stat.S_IFREG | 0o644))
     assert Storage(str(tmp_path)).read("f.jpg") == data
 
 

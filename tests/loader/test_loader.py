@@ -279,3 +279,19 @@ def test_peek_draws_the_pixels_the_trainer_is_fed(packed):
     assert (to_uint8(normalised.images).int() - decoded.images.int()).abs().max() <= 1
     sheets = [np.asarray(batch_sheet(b, SPEC), dtype=np.int16) for b in (decoded, normalised)]
     assert np.abs(sheets[0] - sheets[1]).max() <= 1 and sheets[0].std() > 10
+
+
+def test_a_manifest_shard_name_never_becomes_a_path_outside_dst(packed, tmp_path):
+    import pyarrow as pa
+
+    from sysu30k.errors import UserError
+
+    dst = tmp_path / "dst"
+    shutil.copytree(packed, dst)
+    table = pq.read_table(dst / "manifests/images.parquet")
+    names = table["shard"].to_pylist()
+    names[0] = "../../../etc/passwd"
+    pq.write_table(table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(names)),
+                   dst / "manifests/images.parquet")
+    with pytest.raises(UserError, match=r"'\.\./\.\./\.\./etc/passwd', which is not <subset>-NNNNNN"):
+        TrainLoader(str(dst), SPEC, SMALL, LoaderOptions(decoder="pil", workers=0))
