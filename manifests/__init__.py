@@ -48,6 +48,7 @@ PARTS_DIR = _layout("parts")
 PLAN_DIR = _layout("plan")
 SUMMARY = _layout("summary")
 SPLIT_SUMMARY = _layout("split_summary")
+LOCK = _layout("lock")
 SHARD_NAME = re.compile(contract()["layout"]["shards"]["name"])      # what a shard name in a manifest must be
 
 

@@ -100,6 +100,27 @@ def doctor(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("dst")
+@cli_options(RunOptions, only=("storage_options",))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(dst: str, as_json: bool, **values) -> None:
+    """Check a finished DST against its manifests: every tar's size and sha256, every image's bytes, every
+    DALI index, and tars no manifest names. Exit status 2 when anything differs."""
+    from .ingest.verify import verify as run_verify
+
+    report = run_verify(dst, build(RunOptions, values).storage_options)
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=1))
+    else:
+        for kind, where, detail in report.problems:
+            click.echo(f"{kind:<9} {where}: {detail}")
+        click.echo(f"checked {report.shards} shards, {report.images} images, {report.bytes / 1e6:.1f} MB")
+    if report.problems:
+        kind, where, _ = report.problems[0]
+        raise UserError(f"{len(report.problems)} problem(s) in {dst}, the first: {kind} {where}")
+
+
+@cli.command()
+@click.argument("dst")
 @cli_options(SplitOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def split(dst: str, as_json: bool, **values) -> None:

@@ -20,15 +20,17 @@ import fsspec
 import pyarrow as pa
 
 from ..errors import UserError
+from ..io.lock import exclusive
 from ..io.progress import progress
 from ..io.retry import RetryPolicy
 from ..io.storage import Storage
-from ..manifests import PARTS_DIR, PLAN_DIR, SHARD_DIR, SUMMARY
+from ..manifests import LOCK, PARTS_DIR, PLAN_DIR, SHARD_DIR, SUMMARY
 from .config import ShardJob, ShardRun
 from .layout import present_subsets
 from .packer import ShardStats, ShardTask, is_complete, pack_shard, start_worker
 from .plan import load_plan, load_run, make_plan, planned_shards, run_record, shard_name, start_plan
 from .publish import load_summary, publish
+from .verify import missing_or_resized
 
 log = logging.getLogger("sysu30k")
 OUTPUT_DIRS = (SHARD_DIR, PARTS_DIR, PLAN_DIR, "manifests")
@@ -139,51 +141,56 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
     src_options = _options_for(src_url, storage_options or {})
     dst_options = _options_for(dst_url, storage_options or {})
     src, dst = Storage(src_url, src_options, retry), Storage(dst_url, dst_options, retry)
-    if overwrite:
-        for d in OUTPUT_DIRS:
-            dst.remove(d)
-    subsets = present_subsets(src, job.subsets)
-    settings = job.settings()
-    plan = load_plan(dst)
-    recorded = plan or load_run(dst)         # a complete plan, or one an interrupted run started
-    if recorded is not None and any(recorded.get(k) != v for k, v in run_record(src.url, settings).items()):
-        raise UserError(f"{dst_url} holds a run of other settings, source ({recorded['source']}) or sysu30k "
-                        "version; pass --overwrite to start over")
-    if recorded is None and dst.exists(SHARD_DIR):
-        raise UserError(f"{dst_url} holds shards but no plan; pass --overwrite to start over")
-    summary = load_summary(dst)
-    if summary is not None:
-        log.info("%s is complete already (%s); nothing to do", dst_url, SUMMARY)
-        return summary
-    for d in OUTPUT_DIRS:                 # what a killed run left behind, before any worker writes again
-        dst.remove_temporaries(d)
-    finished: dict[str, ShardStats] = {}
-    with _runner(workers, scheduler) as runner:
-        def dispatch(subset: str, index: int, digest: str) -> None:
-            """Pack a planned shard unless an earlier run packed these very rows already."""
-            name = shard_name(subset, index)
-            if (stats := is_complete(dst, name, digest)) is not None:
-                finished[name] = stats
-            else:
-                runner.submit(ShardTask(src.url, dst.url, subset, index, job.image, src_options, dst_options, retry))
+    with exclusive(dst, LOCK, "sysu30k shard"):     # one writer per DST
+        if overwrite:
+            for d in OUTPUT_DIRS:
+                dst.remove(d)
+        subsets = present_subsets(src, job.subsets)
+        settings = job.settings()
+        plan = load_plan(dst)
+        recorded = plan or load_run(dst)         # a complete plan, or one an interrupted run started
+        if recorded is not None and any(recorded.get(k) != v for k, v in run_record(src.url, settings).items()):
+            raise UserError(f"{dst_url} holds a run of other settings, source ({recorded['source']}) or sysu30k "
+                            "version; pass --overwrite to start over")
+        if recorded is None and dst.exists(SHARD_DIR):
+            raise UserError(f"{dst_url} holds shards but no plan; pass --overwrite to start over")
+        summary = load_summary(dst)
+        if summary is not None:
+            if bad := missing_or_resized(dst):
+                raise UserError(f"{dst_url} is complete, but {len(bad)} shard(s) are missing or resized, e.g. "
+                                f"{bad[0]}: run `sysu30k verify DST`, or pass --overwrite to pack again")
+            log.info("%s is complete already (%s); nothing to do", dst_url, SUMMARY)
+            return summary
+        for d in OUTPUT_DIRS:                 # what a killed run left behind, before any worker writes again
+            dst.remove_temporaries(d)
+        finished: dict[str, ShardStats] = {}
+        with _runner(workers, scheduler) as runner:
+            def dispatch(subset: str, index: int, digest: str) -> None:
+                """Pack a planned shard unless an earlier run packed these very rows already."""
+                name = shard_name(subset, index)
+                if (stats := is_complete(dst, name, digest)) is not None:
+                    finished[name] = stats
+                else:
+                    runner.submit(ShardTask(src.url, dst.url, subset, index, job.image, src_options, dst_options,
+                                            retry))
 
-        if plan is None:
-            start_plan(dst, src.url, settings)
-            with progress(None, "planning", "file", show_progress) as bar:
-                plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),
-                                 on_shard=dispatch)
-        else:
-            for shard in planned_shards(plan):
-                dispatch(*shard)
-        shards = [shard_name(subset, i) for subset, i, _ in planned_shards(plan)]
-        if finished:
-            log.info("resuming: %d of %d shards complete", len(finished), len(shards))
-        total = sum(info["images"] for info in plan["subsets"].values())
-        with progress(total, "packing", "img", show_progress) as bar:
-            bar.update(sum(s.count + s.rejects for s in finished.values()))
-            for stats in runner.results():
-                bar.update(stats.count + stats.rejects)
-                finished[stats.shard] = stats
-    for d in OUTPUT_DIRS:                 # what a worker killed mid-write left behind
-        dst.remove_temporaries(d)
-    return publish(dst, plan, [finished[name] for name in shards])
+            if plan is None:
+                start_plan(dst, src.url, settings)
+                with progress(None, "planning", "file", show_progress) as bar:
+                    plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),
+                                     on_shard=dispatch)
+            else:
+                for shard in planned_shards(plan):
+                    dispatch(*shard)
+            shards = [shard_name(subset, i) for subset, i, _ in planned_shards(plan)]
+            if finished:
+                log.info("resuming: %d of %d shards complete", len(finished), len(shards))
+            total = sum(info["images"] for info in plan["subsets"].values())
+            with progress(total, "packing", "img", show_progress) as bar:
+                bar.update(sum(s.count + s.rejects for s in finished.values()))
+                for stats in runner.results():
+                    bar.update(stats.count + stats.rejects)
+                    finished[stats.shard] = stats
+        for d in OUTPUT_DIRS:                 # what a worker killed mid-write left behind
+            dst.remove_temporaries(d)
+        return publish(dst, plan, [finished[name] for name in shards])

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from .. import manifests
 from ..errors import UserError
 from ..io.storage import Storage
+from ..manifests import SHARD_DIR
 
 COLUMNS = ["key", "shard", "offset", "size", "sha256", "folder", "pid", "camid", "distractor", "width", "height"]
 
@@ -71,6 +72,11 @@ def load_catalog(dst: Storage, subset: str, exclude_folders: frozenset[int] = fr
     offset, size = table["offset"].to_numpy(), table["size"].to_numpy()
     folder, pid, camid = _fill(table["folder"], -1), _fill(table["pid"], -1), _fill(table["camid"], -1)
     width, height = table["width"].to_numpy(), table["height"].to_numpy()
+    present = {e.name for e in dst.listdir(SHARD_DIR)} if dst.isdir(SHARD_DIR) else set()
+    missing = [str(shard_col[a]) for a in starts if f"{shard_col[a]}.tar" not in present]
+    if missing:
+        raise UserError(f"{dst.url}/{SHARD_DIR}/{missing[0]}.tar is missing ({len(missing)} shard(s) of {rel} are): "
+                        "run `sysu30k verify DST`, then rerun `sysu30k shard` with --overwrite")
     for a, b in zip(starts, ends):
         out.append(ShardEntries(str(shard_col[a]), key[a:b], offset[a:b], size[a:b], sha[a:b],
                                 folder[a:b].astype(np.int32), pid[a:b].astype(np.int32), camid[a:b].astype(np.int8),

@@ -71,8 +71,9 @@ import pyarrow.parquet as pq
 from .. import manifests
 from ..errors import UserError
 from ..ingest.publish import load_summary
+from ..io.lock import exclusive
 from ..io.storage import Storage
-from ..manifests import SPLIT_SUMMARY
+from ..manifests import LOCK, SPLIT_SUMMARY
 from ..release.constants import (
     DISTRACTOR_PID,
     GALLERY_CAMID,
@@ -411,62 +412,63 @@ def build_splits(dst_url: str, val_folders: int = _D.val_folders, seed: int = _D
     if workers < 1:
         raise UserError("--workers must be at least 1")
     dst = Storage(dst_url, storage_options)
-    images_rel = manifests.relpath("images")
-    if not dst.exists(images_rel):
-        raise UserError(f"{dst.url} has no {images_rel}: run `sysu30k shard SRC DST` first")
-    shard_summary = load_summary(dst)
-    if shard_summary is None:
-        raise UserError(f"{dst.url} has no manifests/summary.json: `sysu30k shard` did not finish; rerun it")
-    expect_mode, expected_counts = _resolve_expected(expected, shard_summary)
-    info = dst.fs.info(dst.path(images_rel))
-    src = _Source(dst.fs.unstrip_protocol(dst.path(images_rel)), json.dumps(storage_options or {}, sort_keys=True),
-                  f"{info.get('size')}-{info.get('mtime') or info.get('ETag') or info.get('LastModified')}")
-    with dst.open(images_rel) as f:
-        md = pq.read_metadata(f)
-    groups = _row_groups(md)
-    log.info("split: %s has %d rows in %d row groups; expecting %s", images_rel, md.num_rows, len(groups),
-             "no particular counts" if expected_counts is None
-             else f"{expected_counts[0]:,} / {expected_counts[1]:,} ({expect_mode})")
-    with _runner(scheduler, workers) as run:
-        test = _build_test(run, dd, src, groups, expect_mode, expected_counts)
-        holdout, val = Holdout(), None
-        if val_folders:
-            train = run.batches([g for g in groups if g.subset in ("train", None)])
-            if not train:
-                raise UserError("--val-folders needs training images, and DST holds none")
-            (fc,) = run.compute(dd.from_map(_folder_part, train, args=[src], label="folder-counts",
-                                            meta=pd.DataFrame({"folder": pd.Series([], dtype="int64"),
-                                                               "n": pd.Series([], dtype="int64")}))
-                                .groupby("folder")["n"].sum(split_out=1))
-            holdout = choose_holdout({int(k): int(v) for k, v in fc.items()}, val_folders, seed, val_block,
-                                     val_distractors)
-            val = _build_val(run, dd, src, groups, holdout, seed)
-        findings = test.findings + (val.findings if val else [])
-        for f in findings:
-            log.warning("split: %s", f.line())
-        if findings and strict:
-            raise UserError(f"{len(findings)} split invariant(s) broken (--strict; nothing written): "
-                            + " | ".join(f.line() for f in findings[:3]))
-        _write_split(dst, run, [test] + ([val] if val else []))
-    bags_kept, bags_total = bag_counts(dst, holdout.excluded())
-    dst.write_atomic(manifests.relpath("holdout"), _parquet_bytes(holdout.table()))
-    summary = {
-        "version": SUMMARY_VERSION,
-        "images": {"rows": md.num_rows, "row_groups": len(groups), "bytes": info.get("size")},
-        "expected": {"mode": expect_mode, "queries": expected_counts[0] if expected_counts else None,
-                     "gallery": expected_counts[1] if expected_counts else None},
-        "splits": {"test": test.counts, **({"val": val.counts} if val else {})},
-        "val": {"folders": val_folders, "seed": seed, "block": val_block, "guard": GUARD,
-                "distractor_fraction": val_distractors, "blocks": [list(b) for b in holdout.blocks],
-                "query_folders": list(holdout.query), "distractor_folders": list(holdout.distractor),
-                "guard_folders": list(holdout.guard)},
-        "training_bags": {"kept": bags_kept, "excluded": bags_total - bags_kept},
-        "findings": [f.as_dict() for f in findings],
-        "ok": not findings,
-        "manifests": {t: manifests.relpath(t) for t in ("split", "holdout")},
-    }
-    dst.write_atomic(SPLIT_SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())
-    return summary
+    with exclusive(dst, LOCK, "sysu30k split"):     # one writer per DST
+        images_rel = manifests.relpath("images")
+        if not dst.exists(images_rel):
+            raise UserError(f"{dst.url} has no {images_rel}: run `sysu30k shard SRC DST` first")
+        shard_summary = load_summary(dst)
+        if shard_summary is None:
+            raise UserError(f"{dst.url} has no manifests/summary.json: `sysu30k shard` did not finish; rerun it")
+        expect_mode, expected_counts = _resolve_expected(expected, shard_summary)
+        info = dst.fs.info(dst.path(images_rel))
+        src = _Source(dst.fs.unstrip_protocol(dst.path(images_rel)), json.dumps(storage_options or {}, sort_keys=True),
+                      f"{info.get('size')}-{info.get('mtime') or info.get('ETag') or info.get('LastModified')}")
+        with dst.open(images_rel) as f:
+            md = pq.read_metadata(f)
+        groups = _row_groups(md)
+        log.info("split: %s has %d rows in %d row groups; expecting %s", images_rel, md.num_rows, len(groups),
+                 "no particular counts" if expected_counts is None
+                 else f"{expected_counts[0]:,} / {expected_counts[1]:,} ({expect_mode})")
+        with _runner(scheduler, workers) as run:
+            test = _build_test(run, dd, src, groups, expect_mode, expected_counts)
+            holdout, val = Holdout(), None
+            if val_folders:
+                train = run.batches([g for g in groups if g.subset in ("train", None)])
+                if not train:
+                    raise UserError("--val-folders needs training images, and DST holds none")
+                (fc,) = run.compute(dd.from_map(_folder_part, train, args=[src], label="folder-counts",
+                                                meta=pd.DataFrame({"folder": pd.Series([], dtype="int64"),
+                                                                   "n": pd.Series([], dtype="int64")}))
+                                    .groupby("folder")["n"].sum(split_out=1))
+                holdout = choose_holdout({int(k): int(v) for k, v in fc.items()}, val_folders, seed, val_block,
+                                         val_distractors)
+                val = _build_val(run, dd, src, groups, holdout, seed)
+            findings = test.findings + (val.findings if val else [])
+            for f in findings:
+                log.warning("split: %s", f.line())
+            if findings and strict:
+                raise UserError(f"{len(findings)} split invariant(s) broken (--strict; nothing written): "
+                                + " | ".join(f.line() for f in findings[:3]))
+            _write_split(dst, run, [test] + ([val] if val else []))
+        bags_kept, bags_total = bag_counts(dst, holdout.excluded())
+        dst.write_atomic(manifests.relpath("holdout"), _parquet_bytes(holdout.table()))
+        summary = {
+            "version": SUMMARY_VERSION,
+            "images": {"rows": md.num_rows, "row_groups": len(groups), "bytes": info.get("size")},
+            "expected": {"mode": expect_mode, "queries": expected_counts[0] if expected_counts else None,
+                         "gallery": expected_counts[1] if expected_counts else None},
+            "splits": {"test": test.counts, **({"val": val.counts} if val else {})},
+            "val": {"folders": val_folders, "seed": seed, "block": val_block, "guard": GUARD,
+                    "distractor_fraction": val_distractors, "blocks": [list(b) for b in holdout.blocks],
+                    "query_folders": list(holdout.query), "distractor_folders": list(holdout.distractor),
+                    "guard_folders": list(holdout.guard)},
+            "training_bags": {"kept": bags_kept, "excluded": bags_total - bags_kept},
+            "findings": [f.as_dict() for f in findings],
+            "ok": not findings,
+            "manifests": {t: manifests.relpath(t) for t in ("split", "holdout")},
+        }
+        dst.write_atomic(SPLIT_SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())
+        return summary
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

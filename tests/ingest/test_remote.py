@@ -209,3 +209,15 @@ def test_unreachable_scheduler_is_a_user_error(tiny_tree, tmp_path, monkeypatch)
     monkeypatch.setattr("sysu30k.ingest.shard.SCHEDULER_TIMEOUT", "2s")
     with pytest.raises(UserError, match="Dask scheduler"):
         run_shard(str(tiny_tree), str(tmp_path / "x"), JOB, scheduler="tcp://127.0.0.1:9", show_progress=False)
+
+
+def test_the_lock_object_on_s3_refuses_a_live_holder_and_goes_away(s3, bucket):
+    from sysu30k.io.lock import exclusive
+    from sysu30k.io.storage import Storage
+
+    store = Storage(f"s3://{bucket}/locked")
+    with exclusive(store, "_lock.json", "sysu30k shard"):
+        with pytest.raises(UserError, match=f"pid {os.getpid()}.*remove s3://{bucket}/locked/_lock.json"):
+            with exclusive(Storage(f"s3://{bucket}/locked"), "_lock.json", "sysu30k split"):
+                pass
+    assert not store.exists("_lock.json")

@@ -1,0 +1,103 @@
+"""``sysu30k verify``: check a finished DST against its own manifests, byte for byte.
+
+Every shard of ``shards.parquet`` must exist with its size and sha256, its DALI index must list exactly the
+members of ``images.parquet`` for that shard (offsets and sizes), and every image's bytes at its offset must
+have its sha256; tars in ``shards/`` that no manifest names are reported as extra. Reads each tar once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import pyarrow.compute as pc
+
+from .. import manifests
+from ..errors import UserError
+from ..io.progress import progress
+from ..io.storage import Storage
+from ..manifests import SHARD_DIR, SHARD_NAME, SUMMARY
+from ..release.constants import IMAGE_EXT
+
+
+@dataclass
+class Report:
+    """What ``verify`` checked, and each difference found (kind, where, detail)."""
+
+    shards: int = 0
+    images: int = 0
+    bytes: int = 0
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, kind: str, where: str, detail: str) -> None:
+        self.problems.append((kind, where, detail))
+
+
+def shard_sizes(dst: Storage) -> dict[str, int]:
+    """The byte size of every shard ``shards.parquet`` names (a UserError when DST has no such manifest)."""
+    rel = manifests.relpath("shards")
+    if not dst.exists(rel):
+        raise UserError(f"{dst.url} has no {rel}: `sysu30k shard` has not finished there")
+    t = dst.read_table(rel, columns=["shard", "bytes"])
+    return dict(zip(t["shard"].to_pylist(), t["bytes"].to_pylist()))
+
+
+def missing_or_resized(dst: Storage) -> list[str]:
+    """Shards of the manifest whose tar is missing or has another size than recorded (one listing, no reads)."""
+    on_disk = {e.name: e.size for e in dst.listdir(SHARD_DIR)} if dst.isdir(SHARD_DIR) else {}
+    out = []
+    for name, size in shard_sizes(dst).items():
+        found = on_disk.get(f"{name}.tar")
+        if found != size:
+            out.append(f"{name}.tar ({'missing' if found is None else f'{found} bytes, not {size}'})")
+    return out
+
+
+def verify(dst_url: str, storage_options: dict | None = None, show_progress: bool = True) -> Report:
+    """Re-hash every tar and image of DST against its manifests; returns what was checked and found."""
+    dst = Storage(dst_url, storage_options)
+    if not dst.exists(SUMMARY):
+        raise UserError(f"{dst.url} has no {SUMMARY}: `sysu30k shard` has not finished there")
+    shards = dst.read_table(manifests.relpath("shards"), columns=["shard", "bytes", "sha256"]).to_pylist()
+    images = dst.read_table(manifests.relpath("images"), columns=["key", "shard", "offset", "size", "sha256"])
+    report = Report()
+    named = {s["shard"] for s in shards}
+    for e in dst.listdir(SHARD_DIR) if dst.isdir(SHARD_DIR) else []:
+        stem = e.name.rsplit(".", 1)[0]
+        if e.name.endswith((".tar", ".idx")) and stem not in named:
+            report.add("extra", f"{SHARD_DIR}/{e.name}", "no manifest names this shard")
+    with progress(len(shards), "verifying", "shard", show_progress) as bar:
+        for s in shards:
+            _check_shard(dst, s, images.filter(pc.equal(images["shard"], s["shard"])), report)
+            bar.update(1)
+    unknown = set(pc.unique(images["shard"]).to_pylist()) - named
+    for name in sorted(unknown):
+        report.add("missing", f"{SHARD_DIR}/{name}.tar", "images.parquet names a shard shards.parquet does not")
+    return report
+
+
+def _check_shard(dst: Storage, s: dict, rows, report: Report) -> None:
+    name = s["shard"]
+    tar_rel, idx_rel = f"{SHARD_DIR}/{name}.tar", f"{SHARD_DIR}/{name}.idx"
+    report.shards += 1
+    if not SHARD_NAME.match(name):
+        report.add("bad-name", name, "not <subset>-NNNNNN")
+        return
+    if not dst.exists(tar_rel):
+        report.add("missing", tar_rel, f"{len(rows)} image(s) of the manifest are in it")
+        return
+    data = dst.read(tar_rel)
+    report.bytes += len(data)
+    if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
+        report.add("different", tar_rel, f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:12]}…; the "
+                   f"manifest says {s['bytes']} bytes, {s['sha256'][:12]}…")
+    cols = rows.to_pydict()
+    for key, offset, size, sha in zip(cols["key"], cols["offset"], cols["size"], cols["sha256"]):
+        report.images += 1
+        if offset + size > len(data) or hashlib.sha256(data[offset:offset + size]).hexdigest() != sha:
+            report.add("different", f"{tar_rel}:{key}", f"the bytes at offset {offset} are not the manifest's image")
+    want = [f"{IMAGE_EXT} {o} {z} {k}.{IMAGE_EXT}" for k, o, z in zip(cols["key"], cols["offset"], cols["size"])]
+    if not dst.exists(idx_rel):
+        report.add("missing", idx_rel, "the DALI index of the shard")
+    elif dst.read_text(idx_rel).splitlines() != [f"v1.2 {len(want)}", *want]:
+        report.add("different", idx_rel, "its members are not the manifest's (offsets, sizes or names)")
