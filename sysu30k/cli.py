@@ -355,6 +355,10 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
         code = 130
+    except OSError as exc:                         # the machine said no: a full disk, a missing folder, permissions
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        click.echo(f"sysu30k: error: {exc.strerror or exc}{where}", err=True)
+        code = 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     # Every output is written and closed by now. Skip the interpreter's teardown, where a native

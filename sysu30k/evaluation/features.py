@@ -135,9 +135,9 @@ def read_features(path, storage: Storage | None = None) -> FeatureSet:
     if not store.exists(rel):
         raise UserError(f"no feature file at {path}")
     try:
-        table = read_parquet(store, rel)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path} is not a Parquet feature file: {str(exc).splitlines()[0]}") from None
+        table = store.read_table(rel)
+    except (UserError, OSError):
+        raise UserError(f"{path} is not a Parquet feature file (damaged, or another format)") from None
     names = set(table.column_names)
     for need in ("key", "feature"):
         if need not in names:
@@ -187,7 +187,7 @@ def join_split(fs: FeatureSet, dst: Storage, split: str, role: str, path: str = 
     if not dst.exists(rel):
         raise UserError(f"{path or 'a feature file'} has no pid/camid and {dst.url} has no {rel} to join with "
                         f"(run `sysu30k split` first)")
-    t = read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid"],
+    t = dst.read_table(rel, columns=["split", "role", "key", "pid", "camid"],
                      filters=[("split", "=", split), ("role", "=", role)])
     lookup = {k: (p, c) for k, p, c in zip(t["key"].to_pylist(), t["pid"].to_pylist(), t["camid"].to_pylist())}
     missing = [k for k in fs.keys if k not in lookup]
@@ -202,18 +202,6 @@ def join_split(fs: FeatureSet, dst: Storage, split: str, role: str, path: str = 
     cams = np.array([lookup[k][1] if lookup[k][1] is not None else -1 for k in fs.keys], np.int64)
     return FeatureSet(fs.keys, fs.pids if fs.pids is not None else pids,
                       fs.camids if fs.camids is not None else cams, fs.feats)
-
-
-def read_parquet(store: Storage, rel: str, **kwargs):
-    """``pq.read_table`` of ``rel``: by path on a local root, through the filesystem otherwise.
-
-    By path on purpose: a table read from a Python file object or buffer in a process that has imported
-    torch makes the interpreter abort at exit now and then ("terminate called without an active
-    exception", status 134 instead of the CLI's 2), seen with pyarrow and torch 2.13 here.
-    """
-    if store.local:
-        return pq.read_table(store.path(rel), **kwargs)
-    return store.read_table(rel, **kwargs)
 
 
 def _local(path) -> tuple[Storage, str]:

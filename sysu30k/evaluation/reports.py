@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from .. import manifests
 from ..errors import UserError
 from ..io.storage import Storage
-from .features import read_parquet
 from .scoring import TIE_RULE, Scores
 
 log = logging.getLogger("sysu30k")
@@ -126,7 +125,7 @@ class Thumbnails:
         try:
             if not self.dst.exists(rel):
                 return {}
-            t = read_parquet(self.dst, rel, columns=["key", "shard", "offset", "size"],
+            t = self.dst.read_table(rel, columns=["key", "shard", "offset", "size"],
                              filters=[("key", "in", list(set(keys)))])
         except Exception as exc:                     # thumbnails are decoration: never fail the run
             log.warning("ranked list without thumbnails: %s", str(exc).splitlines()[0] if str(exc) else exc)

@@ -22,7 +22,7 @@ from ..loader import EvalLoader, LoaderOptions, TransformSpec, resolve_decoder
 from ..model import build_model
 from ..model.checkpoint import load as load_checkpoint
 from .config import EvalOptions
-from .features import FeatureSet, extract_features, join_split, read_features, read_parquet, write_features
+from .features import FeatureSet, extract_features, join_split, read_features, write_features
 from .reports import write_run
 from .scoring import auto_chunk, score
 
@@ -141,7 +141,7 @@ def split_roles(dst: Storage, split: str, required: bool = True) -> dict | None:
     """``{"query": [keys], "gallery": [keys], "pid": {key: pid}, "camid": {key: camid}, "folder": {...}}`` of
     ``split``; when DST has no such split: a UserError, or None when not ``required``."""
     rel = manifests.relpath("split")
-    t = (read_parquet(dst, rel, columns=["split", "role", "key", "pid", "camid", "folder"],
+    t = (dst.read_table(rel, columns=["split", "role", "key", "pid", "camid", "folder"],
                       filters=[("split", "=", split)]) if dst.exists(rel) else None)
     if t is None or t.num_rows == 0:
         if not required:

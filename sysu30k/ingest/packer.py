@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from .. import manifests
+from ..errors import UserError
 from ..io.retry import RetryPolicy
 from ..io.storage import NotRegularFile, Storage, TooLarge
 from ..io.tuning import tune_malloc
@@ -63,9 +64,13 @@ def marker_path(shard: str) -> str:
 def is_complete(dst: Storage, shard: str, plan_sha256: str) -> ShardStats | None:
     """The stats of ``shard`` when it was fully published from the planned rows of digest ``plan_sha256``
     and its tar has the recorded size."""
-    if not dst.exists(marker_path(shard)):
+    try:
+        recorded = dst.read_json(marker_path(shard))
+        stats = ShardStats(**recorded) if recorded is not None else None
+    except (UserError, TypeError):          # a damaged marker says nothing: the shard is packed again
         return None
-    stats = ShardStats(**json.loads(dst.read_text(marker_path(shard))))
+    if stats is None:
+        return None
     tar = f"{SHARD_DIR}/{shard}.tar"
     if stats.plan_sha256 != plan_sha256 or not dst.exists(tar) or dst.size(tar) != stats.bytes:
         return None

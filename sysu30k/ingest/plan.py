@@ -131,7 +131,7 @@ def start_plan(dst: Storage, src_url: str, settings: dict) -> None:
 def load_run(dst: Storage) -> dict | None:
     """The run record of a plan that was started (complete or not) under DST, or None."""
     rel = f"{PLAN_DIR}/run.json"
-    return json.loads(dst.read_text(rel)) if dst.exists(rel) else None
+    return dst.read_json(rel, "pass --overwrite to start over")
 
 
 def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: ShardingOptions, settings: dict,
@@ -173,7 +173,7 @@ def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: Shardi
 def load_plan(dst: Storage) -> dict | None:
     """The plan written under DST, or None when there is no complete plan."""
     rel = f"{PLAN_DIR}/plan.json"
-    return json.loads(dst.read_text(rel)) if dst.exists(rel) else None
+    return dst.read_json(rel, "pass --overwrite to start over")
 
 
 def planned_shards(plan: dict) -> list[tuple[str, int, str]]:

@@ -76,5 +76,5 @@ def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:
 
 def load_summary(dst: Storage) -> dict | None:
     """The summary of a complete DST, or None."""
-    return json.loads(dst.read_text(SUMMARY)) if dst.exists(SUMMARY) else None
+    return dst.read_json(SUMMARY, "pass --overwrite to `sysu30k shard` to pack again")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import json
 import os
 import posixpath
 import stat
@@ -211,6 +212,14 @@ class Storage:
                 if limit is not None and isinstance(d, bytes) and len(d) > limit else d for p, d in zip(paths, out)]
 
     def read_table(self, rel: str, **kwargs) -> pa.Table:
+        """The Parquet table at ``rel`` (a UserError naming it when it is damaged)."""
+        try:
+            return self._read_table(rel, **kwargs)
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"{self.fs.unstrip_protocol(self.path(rel))} is damaged (not a readable Parquet file: "
+                            f"{str(exc).splitlines()[0]})") from None
+
+    def _read_table(self, rel: str, **kwargs) -> pa.Table:
         """A Parquet file as a table (``kwargs`` go to ``pq.read_table``). Local files are read by path:
         Arrow reading through a Python file object can abort a process that imported torch at exit."""
         if self.local:
@@ -225,6 +234,17 @@ class Storage:
 
     def read_text(self, rel: str) -> str:
         return self.read(rel).decode("utf-8")
+
+    def read_json(self, rel: str, what: str = "") -> object | None:
+        """The JSON document at ``rel`` (None when there is none); a UserError naming it when it is damaged
+        (truncated, not UTF-8, not JSON), with ``what`` to do about it."""
+        if not self.exists(rel):
+            return None
+        try:
+            return json.loads(self.read(rel).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.fs.unstrip_protocol(self.path(rel))} is damaged (not valid JSON: "
+                            f"{str(exc).splitlines()[0]}){'; ' + what if what else ''}") from None
 
     def open(self, rel: str, mode: str = "rb") -> IO:
         return self._call("open", rel, lambda: self.fs.open(self.path(rel), mode))

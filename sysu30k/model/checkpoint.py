@@ -8,7 +8,9 @@ killed process leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,8 +35,17 @@ def save(path: str | Path, state: dict) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint without unpickling arbitrary objects."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():          # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise UserError(f"{path} is not a readable sysu30k checkpoint: {str(exc).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors and plain data: refused (checkpoints are "
+                        "loaded with weights_only=True, never unpickled)") from None
+    except Exception as exc:                  # a damaged or foreign file fails in the unpickler in many ways
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint: {reason}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint (a {type(state).__name__}, not a dict of tensors)")
+    return state

@@ -65,7 +65,13 @@ def parse_bag_json(text: str) -> list[Bag]:
                 if not m:
                     raise ValueError(f"BagImages entry {pattern!r} is not of the form 'FOLDER/*'")
                 folders.append(m["folder"])
-            bags.append(Bag(str(rec["BagID"]), tuple(int(x) for x in rec["BagLabel"]), tuple(folders)))
+            labels = tuple(rec["BagLabel"])
+            bad = next((x for x in labels if isinstance(x, bool) or not isinstance(x, int)
+                        or not 0 < x < 10 ** TRAIN_FOLDER_DIGITS), None)
+            if bad is not None or not labels:
+                raise ValueError(f"BagLabel {bad!r} is not a training folder id (1 .. 10^{TRAIN_FOLDER_DIGITS} - 1)"
+                                 if labels else "BagLabel is empty")
+            bags.append(Bag(str(rec["BagID"]), labels, tuple(folders)))
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"bag_level_label.json record {i} is malformed: {exc}") from None
     return bags

@@ -423,8 +423,12 @@ def build_splits(dst_url: str, val_folders: int = _D.val_folders, seed: int = _D
         info = dst.fs.info(dst.path(images_rel))
         src = _Source(dst.fs.unstrip_protocol(dst.path(images_rel)), json.dumps(storage_options or {}, sort_keys=True),
                       f"{info.get('size')}-{info.get('mtime') or info.get('ETag') or info.get('LastModified')}")
-        with dst.open(images_rel) as f:
-            md = pq.read_metadata(f)
+        try:
+            with dst.open(images_rel) as f:
+                md = pq.read_metadata(f)
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"{dst.url}/{images_rel} is damaged (not a readable Parquet file: "
+                            f"{str(exc).splitlines()[0]}); rerun `sysu30k shard` with --overwrite") from None
         groups = _row_groups(md)
         log.info("split: %s has %d rows in %d row groups; expecting %s", images_rel, md.num_rows, len(groups),
                  "no particular counts" if expected_counts is None

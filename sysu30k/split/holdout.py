@@ -8,7 +8,6 @@ loader and the trainers depend on this module only, never on the split builder. 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -125,7 +124,7 @@ def excluded_folders(dst_url: str, storage_options: dict | None = None) -> set[i
     if not dst.exists(rel):
         return set()
     folders = set(dst.read_table(rel, columns=["folder"])["folder"].to_pylist())
-    summary = json.loads(dst.read_text(SPLIT_SUMMARY)) if dst.exists(SPLIT_SUMMARY) else None
+    summary = dst.read_json(SPLIT_SUMMARY, "rerun `sysu30k split`")
     v = summary["val"] if summary else None
     if v is None or folders != set(v["query_folders"]) | set(v["distractor_folders"]) | set(v["guard_folders"]):
         raise UserError(f"{dst.url}: {rel} and {SPLIT_SUMMARY} disagree (an interrupted `sysu30k split`?); "
