@@ -338,8 +338,8 @@ def main() -> None:
     code = 0
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):    # Click turns Ctrl-C into Abort; SIGTERM comes as either
+        click.echo("interrupted: rerun the same command to resume", err=True)
         code = 130
     except click.UsageError as exc:              # a bad flag or value: one line, like every user error
         where = exc.ctx.command_path if exc.ctx else "sysu30k"
@@ -352,9 +352,6 @@ def main() -> None:
     except UserError as exc:
         click.echo(f"sysu30k: error: {exc}", err=True)
         code = 2
-    except KeyboardInterrupt:
-        click.echo("interrupted: rerun the same command to resume", err=True)
-        code = 130
     except OSError as exc:                         # the machine said no: a full disk, a missing folder, permissions
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         click.echo(f"sysu30k: error: {exc.strerror or exc}{where}", err=True)

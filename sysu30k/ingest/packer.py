@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -81,7 +82,9 @@ _READ_REASONS = {NotRegularFile: "not-a-file", TooLarge: "too-large"}     # by t
 
 
 def start_worker() -> None:
-    """Set up a local packing process (tuned malloc) before its first task."""
+    """Set up a local packing process before its first task: tuned malloc, and Ctrl-C left to the parent
+    (which stops the workers itself, so none dies mid-task with a traceback of its own)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
 
 

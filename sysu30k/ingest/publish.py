@@ -31,9 +31,11 @@ def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:
     """Write the four manifests and the summary from the parts of ``stats``; returns the summary."""
     folder_counts: collections.Counter[int] = collections.Counter()
     reasons: collections.Counter[str] = collections.Counter()
-    with dst.open_atomic(manifests.relpath("images")) as fi, dst.open_atomic(manifests.relpath("rejects")) as fr:
-        images = pq.ParquetWriter(fi, manifests.schema("images"), compression="zstd")
-        rejects = pq.ParquetWriter(fr, manifests.schema("rejects"), compression="zstd")
+    with dst.open_atomic(manifests.relpath("images")) as fi, dst.open_atomic(manifests.relpath("rejects")) as fr, \
+            pq.ParquetWriter(fi, manifests.schema("images"), compression="zstd") as images, \
+            pq.ParquetWriter(fr, manifests.schema("rejects"), compression="zstd") as rejects:
+        # the writers close before their files, also when interrupted (a writer left to the garbage
+        # collector writes into a closed file and says so on stderr)
         layout_rejects = _read(dst, f"{PLAN_DIR}/rejects.parquet")
         rejects.write_table(layout_rejects.cast(manifests.schema("rejects")))
         reasons.update(layout_rejects["reason"].to_pylist())
@@ -47,8 +49,6 @@ def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:
             shard_rejects = _read(dst, f"{PARTS_DIR}/{s.shard}.rejects.parquet").cast(manifests.schema("rejects"))
             rejects.write_table(shard_rejects)
             reasons.update(shard_rejects["reason"].to_pylist())
-        images.close()
-        rejects.close()
     shards = pa.Table.from_pylist([{f: getattr(s, f) for f in manifests.schema("shards").names} for s in stats],
                                   schema=manifests.schema("shards"))
     dst.write_table(manifests.relpath("shards"), shards)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -107,10 +108,54 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
     # and every packed shard do. Paid once before the fork, the workers inherit it instead of each paying
     # it again on the critical path.
     pa.array([0])
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker)
+    try:
         pool.submit(int)                  # starts the workers now, before planning
         with _cancelling(Runner(lambda t: pool.submit(pack_shard, t), as_completed)) as runner:
             yield runner
+    except BaseException:                 # Ctrl-C, SIGTERM, a failed shard: no worker outlives the run
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers now (a shard in flight is dropped: its tar is a temporary file, and a
+    rerun packs it again) and reap them. ``_processes`` is private, and the only handle on the workers
+    before Python 3.14's ``terminate_workers``."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for p in workers:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in workers:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: workers stopped, DST left resumable."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the run the way Ctrl-C does (in the main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(*_):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -141,7 +186,7 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
     src_options = _options_for(src_url, storage_options or {})
     dst_options = _options_for(dst_url, storage_options or {})
     src, dst = Storage(src_url, src_options, retry), Storage(dst_url, dst_options, retry)
-    with exclusive(dst, LOCK, "sysu30k shard"):     # one writer per DST
+    with exclusive(dst, LOCK, "sysu30k shard"), _sigterm_as_interrupt():     # one writer per DST
         if overwrite:
             for d in OUTPUT_DIRS:
                 dst.remove(d)

@@ -1,0 +1,62 @@
+"""Ctrl-C or SIGTERM at any moment of `sysu30k shard --workers 2`: every worker stops, the user reads one line
+saying how to resume, and the rerun ends with a DST that verifies."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import pack_synth
+
+from sysu30k.ingest.verify import verify
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupt")
+    pack_synth(root / "raw", root / "unused", 1000, workers=2, folders=200, images_per_folder=16, test_ids=20,
+               distractors=60, height=288, seed=7)
+    return root / "raw"
+
+
+INTERRUPTED: list[int] = []
+
+
+def left_behind(dst) -> list[psutil.Process]:
+    """Processes whose command line names ``dst`` (forked workers carry their parent's)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(dst) == part for part in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("sig,seed", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGINT, 3),
+                                      (signal.SIGTERM, 4), (signal.SIGTERM, 5)])
+def test_an_interrupt_stops_every_worker_and_the_rerun_completes(tree, tmp_path, sig, seed):
+    dst = tmp_path / "dst"
+    args = [sys.executable, "-m", "sysu30k", "-q", "shard", str(tree), str(dst), "--resize", "144",
+            "--shard-count", "40", "--workers", "2"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(random.Random(seed).uniform(0.3, 2.0))          # planning, packing, or publishing
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    time.sleep(0.3)
+    assert left_behind(dst) == [], [p.pid for p in left_behind(dst)]
+    if proc.returncode != 0:                       # it may have finished before the signal came
+        assert proc.returncode == 130 and err.strip() == "interrupted: rerun the same command to resume", err
+        INTERRUPTED.append(seed)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert verify(str(dst), show_progress=False).problems == []
+
+
+def test_most_of_those_runs_were_really_interrupted():
+    assert len(INTERRUPTED) >= 3, INTERRUPTED
