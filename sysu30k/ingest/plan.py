@@ -110,8 +110,23 @@ def _bags(src: Storage) -> tuple[list[Bag], str]:
             raise UserError(f"{src.url}/{BAG_LABEL_JSON} cannot be read: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise UserError(f"{src.url}/{BAG_LABEL_JSON} is not UTF-8 text (byte {exc.start})") from None
-        return parse_bag_json(text), BAG_LABEL_JSON
+        return _checked(parse_bag_json(text), train_folders(src)), BAG_LABEL_JSON
     return consecutive_bags(train_folders(src)), "consecutive-folder rule"
+
+
+def _checked(bags: list[Bag], folders: list[str]) -> list[Bag]:
+    """``bags`` of the JSON file, refused (naming the first bad bag) when one names a folder that is not a
+    training folder of SRC or carries a label that is not its folders' ids."""
+    present = set(folders)
+    for b in bags:
+        missing = [f for f in b.folders if f not in present]
+        if missing:
+            raise UserError(f"{BAG_LABEL_JSON}: bag {b.bag_id} names folder {missing[0]!r}, which is not a "
+                            "training folder of SRC")
+        if {int(f) for f in b.folders} != set(b.label):
+            raise UserError(f"{BAG_LABEL_JSON}: bag {b.bag_id} is labelled {sorted(set(b.label))} but holds the "
+                            f"folders {sorted({int(f) for f in b.folders})}")
+    return bags
 
 
 def shard_rows_path(shard: str) -> str:
@@ -138,6 +153,7 @@ def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: Shardi
               on_item: Callable[[], None] = lambda: None, on_shard: OnShard = lambda *_: None) -> dict:
     """Walk SRC and write the plan under DST, calling ``on_shard`` as each shard's rows are written;
     returns the content of ``plan.json``."""
+    bags, bag_source = _bags(src) if "train" in subsets else ([], "none")     # checked before the long walk
     rejects: list[LayoutReject] = []
     reports: dict[str, SubsetReport] = {}
     shards: dict[str, tuple[list[int], list[str]]] = {}
@@ -154,7 +170,6 @@ def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: Shardi
     reject_schema = manifests.schema("rejects")
     dst.write_table(f"{PLAN_DIR}/rejects.parquet", pa.Table.from_pylist(
         [{f: getattr(r, f) for f in reject_schema.names} for r in rejects], schema=reject_schema))
-    bags, bag_source = _bags(src) if "train" in subsets else ([], "none")
     bag_schema = manifests.schema("bags").remove(manifests.schema("bags").get_field_index("images"))
     dst.write_table(f"{PLAN_DIR}/bags.parquet", pa.Table.from_pylist(
         [{"bag_id": b.bag_id, "label": list(b.label), "folders": list(b.folders)} for b in bags],

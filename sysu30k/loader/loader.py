@@ -20,12 +20,12 @@ import torch
 
 from ..io.storage import Storage
 from ..io.tuning import tune_malloc
-from ..split.holdout import excluded_folders
+from ..split.holdout import excluded_folders, training_bags
 from . import decode_pil
 from .catalog import ShardEntries, assign_streams, load_catalog
 from .config import DECODERS, decoder_field
 from .groups import GroupSpec, group_batches, plan_group_epoch
-from .sampler import BagSpec, BatchPlan, batches_for, plan_epoch
+from .sampler import BagIndex, BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
 from .slots import SlotPool
 from .transforms import AugParams, TransformSpec, draw_params, normalize_, place
@@ -250,6 +250,22 @@ class _TrainStreams(torch.utils.data.IterableDataset):
         return out
 
 
+def manifest_bags(dst_url: str, storage_options: dict, excluded: frozenset[int],
+                  catalog: list[ShardEntries]) -> BagIndex:
+    """The training bags of DST's ``bags.parquet`` (without those touching held-out folders) as a
+    :class:`BagIndex`; a folder with images that no bag holds forms a bag of its own, with a warning."""
+    table = training_bags(dst_url, storage_options, excluded)
+    folders = [tuple(int(f) for f in fs if f.isascii() and f.isdigit()) for fs in table["folders"].to_pylist()]
+    labels = [tuple(int(x) for x in lab) for lab in table["label"].to_pylist()]
+    index = BagIndex.build(folders, labels)
+    alone = sorted({int(f) for c in catalog for f in np.unique(c.folder)} - set(index.of_folder))
+    if alone:
+        log.warning("%d training folder(s) are in no bag of bags.parquet (e.g. %d): each is a bag of its own",
+                    len(alone), alone[0])
+        index = BagIndex.build(folders + [(f,) for f in alone], labels + [(f,) for f in alone])
+    return index
+
+
 class TrainLoader:
     """Bag-structured training batches from DST, one epoch per iteration, resumable mid-epoch."""
 
@@ -258,6 +274,7 @@ class TrainLoader:
         """``exclude_folders`` defaults to the folders ``sysu30k split`` held out for validation."""
         self.bags = bags
         self._setup(dst_url, transform, options, exclude_folders)
+        self.bag_index = manifest_bags(dst_url, options.storage_options, self.excluded, self.catalog)
         self.streams = assign_streams(self.catalog, options.world * self.n_workers)
         counts = [batches_for(sum(len(self.catalog[i]) for i in s), bags) for s in self.streams]
         per_rank = [sum(counts[r * self.n_workers:(r + 1) * self.n_workers]) for r in range(options.world)]
@@ -287,7 +304,7 @@ class TrainLoader:
     def _stream(self, sid: int, epoch: int, rng: np.random.Generator) -> tuple[list[int], Iterator[BatchPlan]]:
         """The shards stream ``sid`` reads and its batch plans for ``epoch``."""
         order = self.streams[sid]
-        return order, plan_epoch(self.catalog, order, self.bags, rng, self.targets[sid])
+        return order, plan_epoch(self.catalog, order, self.bags, rng, self.targets[sid], self.bag_index)
 
     def __len__(self) -> int:
         return self.batches_per_epoch

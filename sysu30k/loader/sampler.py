@@ -1,16 +1,19 @@
 """Bag-structured batch plans: which images form each batch, grouped into weakly labelled bags.
 
-A batch is B bags of K images. Bag windows cycle through 1, 3 and 5 consecutive folders (12 bags of 15
-images: 4 of each, as the released recipe), with the K images split evenly over the window's folders.
-Images are drawn without replacement from per-folder pools fed by a rolling buffer of whole shards, read
-in order: a bag is a run of consecutive folders, which the packer laid out contiguously.
+Bags are the dataset's own: the rows of ``bags.parquet`` (from ``bag_level_label.json`` when SRC had one,
+else the consecutive-folder rule), given as a :class:`BagIndex`. A batch is B bags of K images; the sizes
+of the bags cycle through 1, 3 and 5 folders (12 bags of 15 images: 4 of each, as the released recipe),
+taken from the bags of that size the manifest has (the nearest size when a folder has none), with the K
+images split evenly over the bag's folders. Images are drawn without replacement from per-folder pools
+fed by a rolling buffer of whole shards, read in order: a bag is a run of nearby folders, which the packer
+laid out contiguously.
 
-Every image of the stream lands in exactly one batch per epoch. A bag short of K (its window ran dry)
-is completed from the nearest folders that still have images, and its label is the set of folders it
-actually drew from; so all bags hold K images until the stream is nearly empty, and a stream of n images
-always gives ``ceil(n / (B·K))`` batches, known before reading anything. The last batch is completed
-with padding slots (``valid`` False). Plans carry no image bytes: producing and skipping them is cheap,
-which is how a mid-epoch resume fast-forwards.
+Every image of the stream lands in exactly one batch per epoch. A bag that runs dry is completed only
+from its own folders; when they have no more images it stays short and the batch goes on with another
+bag, so every batch holds B·K images (B bags or a few more) until the stream is nearly empty, and a
+stream of n images always gives ``ceil(n / (B·K))`` batches, known before reading anything. A bag's label
+is its manifest label. The last batch is completed with padding slots (``valid`` False). Plans carry no
+image bytes: producing and skipping them is cheap, which is how a mid-epoch resume fast-forwards.
 """
 
 from __future__ import annotations
@@ -49,6 +52,40 @@ class BatchPlan:
     bag: np.ndarray                   # int32, bag index within the batch
     valid: np.ndarray                 # bool, False for padding slots
     labels: list[tuple[int, ...]] = field(default_factory=list)   # per bag: folder ids it drew from
+
+
+@dataclass(frozen=True)
+class BagIndex:
+    """The manifest's bags: their folders and labels (folder ids), and the bags of each folder by size."""
+
+    folders: list[tuple[int, ...]]
+    labels: list[tuple[int, ...]]
+    of_folder: dict[int, dict[int, list[int]]]          # folder -> bag size -> bag numbers
+
+    @classmethod
+    def build(cls, folders: list[tuple[int, ...]], labels: list[tuple[int, ...]]) -> BagIndex:
+        of: dict[int, dict[int, list[int]]] = {}
+        for i, fs in enumerate(folders):
+            for f in set(fs):
+                of.setdefault(f, {}).setdefault(len(fs), []).append(i)
+        return cls(folders, [tuple(sorted(set(lab))) for lab in labels], of)
+
+    @classmethod
+    def consecutive(cls, folder_ids) -> BagIndex:
+        """The consecutive-folder rule over ``folder_ids`` (windows of 1, 3, 5 centred on each, clipped)."""
+        ids = sorted(set(int(f) for f in folder_ids))
+        bags = [tuple(ids[min(max(p + d, 0), len(ids) - 1)] for d in range(-(w // 2), w // 2 + 1))
+                for p in range(len(ids)) for w in (1, 3, 5)]
+        return cls.build(bags, bags)
+
+    def pick(self, anchor: int, size: int, rng: np.random.Generator) -> int | None:
+        """A bag holding ``anchor`` with ``size`` folders (or the nearest size it has); None when it is in none."""
+        by_size = self.of_folder.get(anchor)
+        if not by_size:
+            return None
+        best = min(by_size, key=lambda s: (abs(s - size), s))
+        cands = by_size[best]
+        return cands[int(rng.integers(len(cands)))]
 
 
 def batches_for(n_images: int, spec: BagSpec) -> int:
@@ -111,12 +148,14 @@ class _Pools:
         return got
 
 
-def _fill_bag(pools: _Pools, anchor: int, mode: int, k: int, resample: bool) -> list[tuple[int, int, int]]:
-    """K images (shard, row, folder) for a bag of ``mode`` folders around ``anchor``."""
-    live = sorted(pools.seen) if resample else pools.live()
-    window = [f for f in live if abs(f - anchor) <= mode // 2]
+def _fill_bag(pools: _Pools, folders: tuple[int, ...], anchor: int, k: int,
+              resample: bool) -> list[tuple[int, int, int]]:
+    """Up to K images (shard, row, folder) from the bag of ``folders``, split evenly, the anchor's nearest
+    folders first; a folder short of its share leaves it to the bag's other folders, never to others."""
+    live = set(pools.seen if resample else pools.pool)
+    window = sorted(f for f in set(folders) if f in live)
     quota = {f: k // len(window) for f in window}
-    for f in sorted(window, key=lambda f: abs(f - anchor))[: k % len(window)]:
+    for f in sorted(window, key=lambda f: (abs(f - anchor), f))[: k % len(window)]:
         quota[f] += 1
     picks: list[tuple[int, int, int]] = []
     for f in window:
@@ -125,41 +164,49 @@ def _fill_bag(pools: _Pools, anchor: int, mode: int, k: int, resample: bool) -> 
             again = pools.rng.integers(len(pools.seen[f]), size=quota[f] - len(fresh))
             fresh += [pools.seen[f][int(i)] for i in again]
         picks += [(s, r, f) for s, r in fresh]
-    while len(picks) < k:                                # window ran dry: nearest folders with images
-        live = pools.live()
-        if not live:
-            if not pools.load():
-                break
-            continue
-        f = min(live, key=lambda f: (abs(f - anchor), f))
-        picks += [(s, r, f) for s, r in pools.take(f, min(k - len(picks), len(pools.pool[f])))]
+    for f in sorted(window, key=lambda f: (abs(f - anchor), f)):    # the bag's other folders fill its gaps
+        if len(picks) >= k:
+            break
+        if f in pools.pool:
+            picks += [(s, r, f) for s, r in pools.take(f, min(k - len(picks), len(pools.pool[f])))]
     return picks
 
 
 def plan_epoch(catalog: list[ShardEntries], order: list[int], spec: BagSpec, rng: np.random.Generator,
-               n_batches: int | None = None) -> Iterator[BatchPlan]:
-    """The batch plans of one stream for one epoch (``n_batches`` pads the stream up to that count).
+               n_batches: int | None = None, bags: BagIndex | None = None) -> Iterator[BatchPlan]:
+    """The batch plans of one stream for one epoch (``n_batches`` pads the stream up to that count), with
+    the bags of ``bags`` (default: the consecutive-folder rule over the catalog's folders).
 
     With ``spec.resample`` the epoch is exactly ``n_batches`` long and starts a new pass over the
     stream whenever it has seen every image."""
+    if bags is None:
+        bags = BagIndex.consecutive(np.unique(np.concatenate([c.folder for c in catalog])) if catalog else [])
     pools = _Pools(catalog, order, rng)
     produced = 0
     total = n_batches if n_batches is not None else batches_for(pools.left, spec)
-    while (produced < total and pools.left > 0) if spec.resample else pools.left > 0:
+    while produced < total if spec.resample else pools.left > 0:
+        if spec.resample and pools.left == 0:           # every image seen at a batch boundary: a new pass
+            pools = _Pools(catalog, order, rng)
+            if pools.left == 0:
+                break
         modes = [spec.modes[i % len(spec.modes)] for i in range(spec.bags)]
         rng.shuffle(modes)
         slots: list[tuple[int, int, int]] = []
         labels: list[tuple[int, ...]] = []
-        for mode in modes:
+        while len(slots) < spec.batch_size:
             cands = pools.anchor_candidates(spec.buffer_shards)
             if not cands and spec.resample:             # every image seen: a new pass over the stream
                 pools = _Pools(catalog, order, rng)
                 cands = pools.anchor_candidates(spec.buffer_shards)
             if not cands:
                 break
-            picks = _fill_bag(pools, cands[int(rng.integers(len(cands)))], mode, spec.per_bag, spec.resample)
+            anchor = cands[int(rng.integers(len(cands)))]
+            bag = bags.pick(anchor, modes[len(labels) % len(modes)], rng)
+            folders, label = (bags.folders[bag], bags.labels[bag]) if bag is not None else ((anchor,), (anchor,))
+            picks = _fill_bag(pools, folders, anchor, min(spec.per_bag, spec.batch_size - len(slots)),
+                              spec.resample)
             slots += [(s, r, len(labels)) for s, r, _ in picks]
-            labels.append(tuple(sorted({f for _, _, f in picks})))
+            labels.append(label)
         yield _finish(slots, labels, spec)
         produced += 1
     for _ in range((n_batches or 0) - produced):         # equal batch counts across ranks

@@ -148,13 +148,15 @@ def _drop_bags(bags: pa.Table, excluded: set[int]) -> pa.Table:
     return bags.filter(pa.array(~hit))
 
 
-def training_bags(dst_url: str, storage_options: dict | None = None) -> pa.Table:
-    """``bags.parquet`` without every bag whose label or folders touch a held-out or guard folder."""
+def training_bags(dst_url: str, storage_options: dict | None = None,
+                  excluded: frozenset[int] | set[int] | None = None) -> pa.Table:
+    """``bags.parquet`` without every bag whose label or folders touch an ``excluded`` folder (default: the
+    held-out and guard folders of DST's split)."""
     dst = Storage(dst_url, storage_options)
     if not dst.exists(manifests.relpath("bags")):
         raise UserError(f"{dst.url} has no {manifests.relpath('bags')}: pack the training set with `sysu30k shard`")
     bags = dst.read_table(manifests.relpath("bags"))
-    return _drop_bags(bags, excluded_folders(dst_url, storage_options))
+    return _drop_bags(bags, set(excluded_folders(dst_url, storage_options) if excluded is None else excluded))
 
 
 def bag_counts(dst: Storage, excluded: set[int]) -> tuple[int, int]:

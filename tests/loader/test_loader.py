@@ -47,8 +47,10 @@ def test_sampler_visits_each_image_once_with_predictable_batch_counts():
         n = sum(len(catalog[i]) for i in order)
         plans = list(plan_epoch(catalog, order, SPEC, np.random.default_rng(0)))
         assert len(plans) == batches_for(n, SPEC)
-        for p in plans[:-1]:                                           # all bags full but in the last batch
-            assert p.valid.all() and np.bincount(p.bag, minlength=SPEC.bags).tolist() == [SPEC.per_bag] * SPEC.bags
+        for p in plans[:-1]:                 # every batch full but the last; a bag that ran dry leaves its
+            counts = np.bincount(p.bag)      # slots to another bag, never to folders outside its own
+            assert p.valid.all() and len(counts) >= SPEC.bags and counts.max() <= SPEC.per_bag
+            assert (counts[:SPEC.bags] == SPEC.per_bag).sum() >= SPEC.bags // 2
         for p in plans:
             for s, r, b, v in zip(p.shard, p.row, p.bag, p.valid):
                 if v:
@@ -295,3 +297,58 @@ def test_a_manifest_shard_name_never_becomes_a_path_outside_dst(packed, tmp_path
                    dst / "manifests/images.parquet")
     with pytest.raises(UserError, match=r"'\.\./\.\./\.\./etc/passwd', which is not <subset>-NNNNNN"):
         TrainLoader(str(dst), SPEC, SMALL, LoaderOptions(decoder="pil", workers=0))
+
+
+def test_training_bags_are_the_bag_manifests_not_the_folder_rule(tmp_path):
+    """A bag_level_label.json whose bags are not consecutive windows (folder f with f + 6): every bag of every
+    batch is one of its bags, its images come from that bag's folders only, and its label is that bag's."""
+    import json
+
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
+    from sysu30k.synth import write_synth
+    from sysu30k.synth.config import SynthConfig
+
+    write_synth(str(tmp_path / "raw"), SynthConfig(folders=12, images_per_folder=8, test_ids=2, distractors=2,
+                                                   seed=6, bag_json=False))
+    names = sorted(p.name for p in (tmp_path / "raw/sysu_train_set_all").iterdir())
+    pairs = [(names[i], names[(i + 6) % 12]) for i in range(12)]
+    records = [{"BagID": f"one{i}", "BagLabel": [int(n)], "BagImages": [f"{n}/*"]} for i, n in enumerate(names)]
+    records += [{"BagID": f"two{i}", "BagLabel": [int(a), int(b)], "BagImages": [f"{a}/*", f"{b}/*"]}
+                for i, (a, b) in enumerate(pairs)]
+    (tmp_path / "raw/bag_level_label.json").write_text(json.dumps(records))
+    run_shard(str(tmp_path / "raw"), str(tmp_path / "dst"), ShardJob(ShardingOptions(shard_count=20)),
+              show_progress=False)
+    allowed = {tuple(sorted(r["BagLabel"])) for r in records}
+    loader = TrainLoader(str(tmp_path / "dst"), BagSpec(bags=4, per_bag=4), SMALL,
+                         LoaderOptions(normalize=False, decoder="pil", workers=0))
+    sizes, keys = collections.Counter(), collections.Counter()
+    for b in loader:
+        for bag in torch.unique(b.bag).tolist():
+            rows = (b.bag == bag) & b.valid
+            label = tuple(int(x) for x in b.bag_labels[b.bag == bag][0] if x >= 0)
+            assert label in allowed, label
+            assert set(b.folder[rows].tolist()) <= set(label)
+            sizes[len(label)] += int(rows.sum())
+        keys.update(k for k, v in zip(b.keys, b.valid) if v)
+    assert sizes[1] > 0 and sizes[2] > 0                 # both sizes the manifest has were drawn
+    assert set(keys.values()) == {1} and len(keys) == len(train_keys(tmp_path / "dst"))   # exactly once
+
+
+def test_a_bag_file_naming_a_missing_folder_or_a_wrong_label_is_refused_before_the_walk(tiny_tree, tmp_path):
+    import json
+
+    from sysu30k.errors import UserError
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
+
+    for records, needle in (([{"BagID": "b7", "BagLabel": [9999], "BagImages": ["0000009999/*"]}],
+                             "bag b7 names folder '0000009999'"),
+                            ([{"BagID": "b8", "BagLabel": [2], "BagImages": ["0000000001/*"]}],
+                             "bag b8 is labelled [2] but holds the folders [1]")):
+        src = tmp_path / needle[:6].replace(" ", "")
+        shutil.copytree(tiny_tree, src)
+        (src / "bag_level_label.json").write_text(json.dumps(records))
+        with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            run_shard(str(src), str(tmp_path / f"dst-{src.name}"), ShardJob(ShardingOptions(shard_count=5)),
+                      show_progress=False)
