@@ -252,7 +252,12 @@ def walk_subset(src: Storage, subset: str, report: SubsetReport) -> Iterator[Sou
             report.on_disk += 1
             yield LayoutReject(subset, path, "bad-folder", "file outside an identity folder")
         elif isinstance(listing := next(listings), OSError):
-            yield LayoutReject(subset, path, "unreadable", f"folder cannot be listed: {listing.strerror or listing}")
+            detail = f"its folder cannot be listed: {listing.strerror or listing}"
+            listed = meta.take(entry.name) if meta is not None else []
+            report.on_disk += len(listed)
+            yield from (LayoutReject(subset, f"{path}/{name}", "unreadable", detail) for name in listed)
+            if not listed:                    # no list names its files: the folder stands for them
+                yield LayoutReject(subset, path, "unreadable", detail)
         else:
             yield from _walk_folder(src, subset, root, entry.name, listing, meta, report)
     if meta is not None:

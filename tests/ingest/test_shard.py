@@ -328,3 +328,26 @@ def test_a_fifo_for_a_meta_list_or_the_bag_file_is_one_line_not_a_hang(tree_copy
         r = subprocess.run([sys.executable, "-m", "sysu30k", "-q", "shard", str(src), str(tmp_path / f"d-{src.name}")],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "regular file" in r.stderr, r.stderr
+
+
+def test_a_folder_that_cannot_be_listed_is_a_reject_and_the_run_goes_on(tree_copy, tmp_path, monkeypatch):
+    """Permission bits do not stop root (the tests' usual user), so the refusal is the filesystem's own
+    error, raised for one training folder by os.scandir as a permission problem would."""
+    import sysu30k.io.storage as storage
+
+    train = tree_copy / "sysu_train_set_all"
+    blocked = sorted(p for p in train.iterdir() if p.is_dir())[2]
+    real = os.scandir
+
+    def scandir(path):
+        if os.path.realpath(path) == str(blocked.resolve()):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(storage.os, "scandir", scandir)
+    summary = run_shard(str(tree_copy), str(tmp_path / "dst"), SMALL, show_progress=False)
+    rejects = pq.read_table(tmp_path / "dst/manifests/rejects.parquet").to_pylist()
+    listed = sorted(f"sysu_train_set_all/{blocked.name}/{p.name}" for p in blocked.iterdir())   # meta lists them all
+    assert sorted(r["path"] for r in rejects) == listed and {r["reason"] for r in rejects} == {"unreadable"}
+    assert summary["rejects_by_reason"] == {"unreadable": len(listed)}
+    assert not any(r["path"].startswith(f"sysu_train_set_all/{blocked.name}/") for r in images_of(tmp_path / "dst"))
