@@ -141,6 +141,7 @@ class Storage:
         self.root = root.rstrip("/") or "/"
         self.url = self.fs.unstrip_protocol(self.root)   # canonical: absolute, with its protocol
         self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self._real = os.path.realpath(self.root) if self.local else None   # what local symlinks must stay in
 
     def path(self, rel: str = "") -> str:
         """The filesystem path of ``rel`` under the root."""
@@ -252,7 +253,7 @@ class Storage:
     def listdir(self, rel: str = "") -> list[Entry]:
         """Entries of folder ``rel``, sorted by name (the order every output follows)."""
         if self.local:                       # the hot path of planning: one scandir, no per-entry wrapping
-            root = self._real_root()
+            root = self._real
             with os.scandir(self.path(rel)) as it:
                 out = [Entry(e.name, True, 0) if e.is_dir(follow_symlinks=False)
                        else (Entry(e.name, False, e.stat(follow_symlinks=False).st_size) if e.is_file(
@@ -267,11 +268,6 @@ class Storage:
         out = [Entry(posixpath.basename(i["name"].rstrip("/")), i["type"] == "directory", int(i.get("size") or 0))
                for i in infos if i["name"].rstrip("/") != self.path(rel)]
         return sorted(out, key=lambda e: e.name)
-
-    def _real_root(self) -> str:
-        if not hasattr(self, "_real"):
-            self._real = os.path.realpath(self.root)
-        return self._real
 
     def listdir_many(self, rels: Iterable[str]) -> Iterator[list[Entry] | OSError]:
         """``listdir`` of each of ``rels`` in order; on an object store several run ahead concurrently. A local
@@ -352,20 +348,3 @@ def _spool() -> Iterator[tuple[IO[bytes], str]]:
     finally:
         with contextlib.suppress(OSError):
             os.remove(path)
-
-
-def parse_options(pairs: Iterable[str]) -> dict:
-    """``key=value`` pairs as storage options; values are JSON when they parse (numbers, booleans,
-    objects such as ``client_kwargs={"region_name": "eu-west-1"}``), plain strings otherwise."""
-    import json
-
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--storage-option takes key=value, not {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
