@@ -85,3 +85,14 @@ def test_the_command_line_starts_without_torch_pandas_or_dask():
              "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_readme_map_names_every_subpackage_and_module():
+    readme = (PACKAGE.parent / "README.md").read_text("utf-8")
+    section = readme[readme.index("## Architecture"):readme.index("## Source of facts")]
+    packages = {p.parent.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("__init__.py")} - {"."}
+    missing = [p for p in sorted(packages)
+               if f"`sysu30k/{p}/`" not in section and f"`{p.split('/')[-1]}/`" not in section]
+    modules = {p.stem for p in PACKAGE.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    missing += [m for m in sorted(modules) if f"`{m}`" not in section and f"{m}.py" not in section]
+    assert not missing, f"README's architecture section does not name {missing}"
