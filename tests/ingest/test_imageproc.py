@@ -156,3 +156,62 @@ def test_plain_jpegs_resize_to_the_same_bytes_as_through_image_open(data):
     opts = ImageOptions(resize=144)
     target = target_size(*plain_jpeg_size(data), 144)
     assert prepare(data, opts) == _convert(_open(data, opts.max_pixels), 1, target, opts)
+
+
+def _scan_start(data: bytes) -> int:
+    """Offset of the first byte of entropy-coded data (after the SOS segment)."""
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+
+
+def stray_marker(data: bytes) -> bytes:
+    """A restart marker dropped into the middle of the entropy-coded data: Pillow decodes on, silently."""
+    mid = (_scan_start(data) + len(data)) // 2
+    return data[:mid] + b"\xff\xd0" + data[mid + 2:]
+
+
+def cut_out(data: bytes) -> bytes:
+    """A chunk of entropy-coded data missing, the end marker kept."""
+    start = _scan_start(data)
+    return data[:start + 40] + data[start + 240:]
+
+
+@pytest.mark.parametrize("make", [lambda: f.rgb_jpeg(96, 192, seed=3), f.grey_jpeg, f.cmyk_jpeg,
+                                  lambda: f.exif_rotated_jpeg(1), lambda: f.exif_rotated_jpeg(6)],
+                         ids=["plain", "grey", "cmyk", "exif-upright", "exif-rotated"])
+@pytest.mark.parametrize("damage", [stray_marker, cut_out], ids=["stray-marker", "cut-out"])
+def test_full_verification_rejects_what_libjpeg_warns_about(make, damage):
+    """`--verify full` means decoded without a libjpeg warning; Pillow alone decodes these into grey."""
+    bad = damage(make())
+    decode(bad)                                                    # Pillow: no error
+    with pytest.raises(Rejected) as exc:
+        prepare(bad, FULL)
+    assert exc.value.reason in ("corrupt", "truncated") and "JPEG" in exc.value.detail
+    with pytest.raises(Rejected):
+        prepare(bad, ImageOptions(resize=40))                      # resized, full verification too
+    assert prepare(make(), FULL).data                              # undamaged: packed
+
+
+def test_header_verification_stays_the_faster_weaker_check():
+    bad = stray_marker(f.rgb_jpeg(96, 192, seed=3))
+    assert prepare(bad, HEADER).data == bad                        # documented: damage inside the data passes
+
+
+def test_a_header_claiming_far_more_pixels_than_its_bytes_is_corrupt():
+    data = bytearray(f.rgb_jpeg())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (8000).to_bytes(2, "big") + (8000).to_bytes(2, "big")    # 64 M pixels in ~2 KB
+    with pytest.raises(Rejected, match="claims 8000x8000 pixels, far more than"):
+        prepare(bytes(data), FULL)
+
+
+def test_resized_pixels_are_pillows_draft_decode():
+    """The resize path decodes through simplejpeg now; its pixels are Pillow's draft decode, so the packed
+    bytes are what Image.open + draft + resize + save gives."""
+    data = f.rgb_jpeg(144, 288, seed=5)
+    out = prepare(data, ImageOptions(resize=100))
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", target_size(144, 288, 100))
+    want = io.BytesIO()
+    im.convert("RGB").resize(target_size(144, 288, 100), Image.Resampling.BICUBIC).save(want, "JPEG", quality=95)
+    assert out.data == want.getvalue()
