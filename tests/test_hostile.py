@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, pack_synth
+from conftest import TINY
 
 from sysu30k.evaluation import write_features
 
@@ -32,8 +32,11 @@ class Evil:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A packed and split DST, its source tree, and a checkpoint trained on it (0 epochs)."""
-    root = tmp_path_factory.mktemp("hostile")
-    dst = pack_synth(root / "raw", root / "dst", 10, **TINY)
+    root = tmp_path_factory.mktemp("hostile")                       # through the CLI alone
+    synth = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert run("synth", root / "raw", *synth).returncode == 0
+    dst = root / "dst"
+    assert run("shard", root / "raw", dst, "--shard-count", "10").returncode == 0
     assert run("split", dst, "--scheduler", "sync").returncode == 0
     assert run("train-weak", dst, "--out", root / "run", "--epochs", "0", *SMALL).returncode == 0
     return root
