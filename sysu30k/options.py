@@ -105,13 +105,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _base(annotation: Any) -> tuple[Any, bool]:
-    """(the scalar type, whether None is allowed) of ``int``, ``int | None``, ``tuple[int, ...]`` and the like."""
+def _base(annotation: Any) -> Any:
+    """The type of ``int``, ``int | None``, ``tuple[int, ...]`` and the like, without its ``None``."""
     args = typing.get_args(annotation)
-    if _NONE in args:
-        rest = [a for a in args if a is not _NONE]
-        return rest[0], True
-    return annotation, False
+    return next(a for a in args if a is not _NONE) if _NONE in args else annotation
 
 
 def _is_dataclass_type(t: Any) -> bool:
@@ -135,7 +132,7 @@ def _click_type(f: dataclasses.Field, t: Any) -> click.ParamType | Any:
     meta = f.metadata
     if meta["type"] is not None:
         return meta["type"]
-    base, _ = _base(t)
+    base = _base(t)
     if meta["choices"] is not None:
         return click.Choice([str(c) for c in meta["choices"]])
     lo, hi, lo_open, hi_open = meta["range"]
@@ -180,7 +177,7 @@ def cli_options(cls: type, defaults: bool = True, notes: dict[str, str] | None =
         for name, f, t in reversed(chosen):
             meta = f.metadata
             flag = flag_of(f)
-            base, _ = _base(t)
+            base = _base(t)
             note = (notes or {}).get(name, _default_text(f))
             help_text = meta["help"] + (f"  [default: {note}]" if note else "")
             if base is bool and meta["type"] is None:
@@ -226,7 +223,7 @@ def check(obj: Any) -> None:
 
 def _convert(f: dataclasses.Field, t: Any, value: Any) -> Any:
     """A parsed option value as the field's type (choices are strings at the command line)."""
-    base, optional = _base(t)
+    base = _base(t)
     if value is None:
         return None
     if f.metadata["choices"] is not None and base in (int, float):
