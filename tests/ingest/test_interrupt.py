@@ -14,12 +14,20 @@ from conftest import pack_synth
 from sysu30k.ingest.verify import verify
 
 
+def shard_args(tree, dst) -> list[str]:
+    return [sys.executable, "-m", "sysu30k", "-q", "shard", str(tree), str(dst), "--resize", "144",
+            "--shard-count", "40", "--workers", "2"]
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
+    """The tree, and how long an uninterrupted run takes on this machine (interrupts are timed against it)."""
     root = tmp_path_factory.mktemp("interrupt")
     pack_synth(root / "raw", root / "unused", 1000, workers=2, folders=200, images_per_folder=16, test_ids=20,
                distractors=60, height=288, seed=7)
-    return root / "raw"
+    t0 = time.monotonic()
+    subprocess.run(shard_args(root / "raw", root / "timed"), check=True, capture_output=True, timeout=300)
+    return root / "raw", time.monotonic() - t0
 
 
 INTERRUPTED: list[int] = []
@@ -40,11 +48,13 @@ def left_behind(dst) -> list[psutil.Process]:
 @pytest.mark.parametrize("sig,seed", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGINT, 3),
                                       (signal.SIGTERM, 4), (signal.SIGTERM, 5)])
 def test_an_interrupt_stops_every_worker_and_the_rerun_completes(tree, tmp_path, sig, seed):
-    dst = tmp_path / "dst"
-    args = [sys.executable, "-m", "sysu30k", "-q", "shard", str(tree), str(dst), "--resize", "144",
-            "--shard-count", "40", "--workers", "2"]
+    (src, seconds), dst = tree, tmp_path / "dst"
+    args = shard_args(src, dst)
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(random.Random(seed).uniform(0.3, 2.0))          # planning, packing, or publishing
+    deadline = time.monotonic() + 60
+    while not (dst / "_lock.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)                          # the run holds DST: past Python's start-up, handlers set
+    time.sleep(random.Random(seed).uniform(0.0, 0.7) * seconds)   # planning, packing or publishing
     if proc.poll() is None:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
