@@ -27,6 +27,10 @@ from .reports import write_run
 from .scoring import auto_chunk, score
 
 log = logging.getLogger("sysu30k")
+class IncompleteSplit(UserError):
+    """Images of the split could not be embedded: a score without them would not be the split's."""
+
+
 def evaluate_features(dst_url: str | None, query_features: str, gallery_features: str, out_dir: str,
                       opts: EvalOptions = EvalOptions()) -> dict:
     """Score two feature files (table ``features``) with the official protocol; write the run folder.
@@ -187,7 +191,7 @@ def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict,
     order = [k for k in roles["query"] + roles["gallery"] if k in got]
     lost = [k for k in roles["query"] + roles["gallery"] if k not in got]
     if lost:
-        raise UserError(f"{len(lost)} image(s) of the {split} split could not be read (damaged or missing in the "
+        raise IncompleteSplit(f"{len(lost)} image(s) of the {split} split could not be read (damaged or missing in the "
                         f"shards), e.g. {lost[0]}: a score without them would not be the split's")
     return FeatureSet(order, np.array([roles["pid"][k] for k in order], np.int64),
                       np.array([roles["camid"][k] for k in order], np.int64), torch.stack([got[k] for k in order]))

@@ -237,15 +237,15 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
 
 def _validate(s: Session) -> dict | None:
     """Rank-1 and both mAPs on the val split, or None when DST has no val split; rank-1 NaN when the model's
-    features are not finite (such an epoch is recorded, and never becomes best.pt)."""
-    from ..evaluation.run import evaluate_split
+    features are not finite or val images cannot be read (such an epoch is recorded, never becomes best.pt)."""
+    from ..evaluation.run import IncompleteSplit, evaluate_split
     from ..evaluation.scoring import NonFiniteFeatures
 
     s.model.eval()
     try:
         return evaluate_split(s.model, s.dst_url, "val", s.device, s.height, s.width, s.run.eval_batch,
                               s.run.workers, s.run.storage_options, decoder=s.run.decoder)
-    except NonFiniteFeatures as exc:
+    except (NonFiniteFeatures, IncompleteSplit) as exc:      # no number rather than a wrong one; training goes on
         log.warning("validation: %s; this epoch cannot become best.pt", exc)
         return {"rank1": math.nan}
     finally:

@@ -62,3 +62,22 @@ def test_validation_reads_with_the_runs_decoder(monkeypatch):
     s = SimpleNamespace(model=model, dst_url="dst", device=torch.device("cpu"), height=64, width=32, run=run)
     assert _validate(s) == {"rank1": 1.0} and model.training
     assert seen["kw"]["decoder"] == "pil" and {"anon": True} in seen["args"]
+
+
+@pytest.mark.parametrize("error", ["NonFiniteFeatures", "IncompleteSplit"])
+def test_a_validation_without_a_right_number_is_nan_and_training_goes_on(monkeypatch, error):
+    import sysu30k.evaluation.run as evaluation
+    import sysu30k.evaluation.scoring as scoring
+    from sysu30k.train.config import RunOptions
+    from sysu30k.train.loop import _validate
+
+    cls = getattr(scoring, error, None) or getattr(evaluation, error)
+
+    def fail(*a, **kw):
+        raise cls("2 image(s) of the val split could not be read")
+
+    monkeypatch.setattr(evaluation, "evaluate_split", fail)
+    s = SimpleNamespace(model=torch.nn.Linear(1, 1), dst_url="dst", device=torch.device("cpu"), height=64,
+                        width=32, run=RunOptions())
+    got = _validate(s)
+    assert set(got) == {"rank1"} and got["rank1"] != got["rank1"]          # NaN
