@@ -109,8 +109,12 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
     # it again on the critical path.
     pa.array([0])
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=start_worker)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)    # workers must not inherit the parent's handler
     try:
-        pool.submit(int)                  # starts the workers now, before planning
+        pool.submit(int)                  # starts the workers now, before planning (all of them, when forking)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
         with _cancelling(Runner(lambda t: pool.submit(pack_shard, t), as_completed)) as runner:
             yield runner
     except BaseException:                 # Ctrl-C, SIGTERM, a failed shard: no worker outlives the run
