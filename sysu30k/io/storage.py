@@ -67,11 +67,8 @@ def _local_entry(entry: os.DirEntry, root: str) -> Entry:
     """What a local directory entry is, without ever following a symlink out of ``root`` (the real path of
     the storage root) or into a folder: symlinked files inside the root are read as their target; links to
     folders (they could loop), out of the root, or to nothing, and FIFOs, sockets and devices, carry a
-    ``problem`` instead. Names that are not UTF-8 are shown with their bytes escaped."""
+    ``problem`` instead."""
     name = entry.name
-    shown = _undecodable(name)
-    if shown is not None:
-        return Entry(shown, False, 0, "bad-name")
     try:
         if entry.is_symlink():
             target = os.path.realpath(entry.path)
@@ -259,7 +256,7 @@ class Storage:
                        else (Entry(e.name, False, e.stat(follow_symlinks=False).st_size) if e.is_file(
                            follow_symlinks=False) else _local_entry(e, root)) for e in it]
             for i, e in enumerate(out):                   # names that are not UTF-8: rare, so checked last
-                shown = _undecodable(e.name) if e.problem is None else None
+                shown = _undecodable(e.name)
                 if shown is not None:
                     out[i] = Entry(shown, False, 0, "bad-name")
             return sorted(out, key=lambda e: e.name)
