@@ -69,11 +69,12 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
     ckpt = load_checkpoint(ckpt_path)
     trained = ckpt.get("config", {})                    # by default, extract at the size the model was trained at
     height, width = opts.height or trained.get("height", 256), opts.width or trained.get("width", 128)
-    digest = _sha1(ckpt_path)[:12]
+    sha1 = _sha1(ckpt_path)                             # the file is read once for it
+    digest = sha1[:12]
     out = Storage(out_dir)
     dst = Storage(dst_url, opts.storage_options)
     roles = split_roles(dst, split)
-    settings = _feature_settings(ckpt_path, dst, opts, height, width, dtype)
+    settings = _feature_settings(sha1, dst, opts, height, width, dtype)
     cache_rel = f"features-{split}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}.parquet"
     allf = _cached(out, cache_rel, settings, roles)
     if allf is None:
@@ -102,7 +103,7 @@ def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts:
     return metrics
 
 
-def _feature_settings(ckpt_path: Path, dst: Storage, opts: EvalOptions, height: int, width: int,
+def _feature_settings(checkpoint_sha1: str, dst: Storage, opts: EvalOptions, height: int, width: int,
                       dtype: torch.dtype) -> str:
     """Everything that decides a split's features, as canonical JSON: the checkpoint's bytes, the dataset
     (its split manifest, and its shard list, which holds every tar's sha256), the split, the decoder and the
@@ -110,7 +111,7 @@ def _feature_settings(ckpt_path: Path, dst: Storage, opts: EvalOptions, height: 
     def digest(rel: str) -> str | None:
         return hashlib.sha256(dst.read(rel)).hexdigest() if dst.exists(rel) else None
 
-    return json.dumps({"checkpoint_sha1": _sha1(ckpt_path), "split_manifest": digest(manifests.relpath("split")),
+    return json.dumps({"checkpoint_sha1": checkpoint_sha1, "split_manifest": digest(manifests.relpath("split")),
                        "shards_manifest": digest(manifests.relpath("shards")), "split": opts.split,
                        "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
                        "size": [height, width], "dtype": str(dtype)}, sort_keys=True)
