@@ -82,11 +82,10 @@ _READ_REASONS = {NotRegularFile: "not-a-file", TooLarge: "too-large"}     # by t
 
 
 def start_worker() -> None:
-    """Set up a local packing process before its first task: tuned malloc, Ctrl-C left to the parent (which
-    stops the workers itself, so none dies mid-task with a traceback of its own), and SIGTERM back to its
-    default (a forked worker inherits the parent's handler, and the parent stops workers with SIGTERM)."""
+    """Set up a local packing process before its first task: tuned malloc, and Ctrl-C left to the parent
+    (which stops the workers itself, so none dies mid-task with a traceback of its own). SIGTERM, with which
+    the parent stops them, is at its default: the pool forks with it so (``shard._runner``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tune_malloc()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -146,8 +147,6 @@ class _Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM stops the run the way Ctrl-C does (in the main thread only)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
