@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..release.bags import consecutive_bags, train_folder_name
 from .catalog import ShardEntries
 
 
@@ -72,11 +73,9 @@ class BagIndex:
 
     @classmethod
     def consecutive(cls, folder_ids) -> BagIndex:
-        """The consecutive-folder rule over ``folder_ids`` (windows of 1, 3, 5 centred on each, clipped)."""
-        ids = sorted(set(int(f) for f in folder_ids))
-        bags = [tuple(ids[min(max(p + d, 0), len(ids) - 1)] for d in range(-(w // 2), w // 2 + 1))
-                for p in range(len(ids)) for w in (1, 3, 5)]
-        return cls.build(bags, bags)
+        """The consecutive-folder rule (:func:`sysu30k.release.bags.consecutive_bags`) over ``folder_ids``."""
+        bags = consecutive_bags([train_folder_name(f) for f in sorted(set(int(f) for f in folder_ids))])
+        return cls.build([b.label for b in bags], [b.label for b in bags])
 
     def pick(self, anchor: int, size: int, rng: np.random.Generator) -> int | None:
         """A bag holding ``anchor`` with ``size`` folders (or the nearest size it has); None when it is in none."""
