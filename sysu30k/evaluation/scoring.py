@@ -1,8 +1,11 @@
-"""The official SYSU-30k scoring protocol (SYSU30K.md §2.1), exact, in bounded memory.
+"""The official SYSU-30k scoring protocol (SYSU30K.md §2.1), exact, streamed over the gallery.
 
-For L2-normalised features the similarity is the dot product (cosine). Queries are scored in chunks:
-one ``chunk × G`` similarity block at a time (CPU or GPU), never the full ``Q × G`` matrix, and the
-gallery is never sorted. For each query:
+For L2-normalised features the similarity is the dot product (cosine). A :class:`Scorer` holds the
+queries' features and, per query, only what exact CMC and both mAPs need: the scores of its true matches,
+the number of negatives scoring at or above each of them, and its current top-10 list. Gallery features
+arrive in blocks (:meth:`Scorer.add`) in any order and any split between processes, are scored against
+all queries at once (one ``Q × block`` product) and dropped: the ``G × D`` gallery matrix never has to
+exist, and memory is the queries' features plus a few ``Q × block`` arrays. For each query:
 
 * **true matches** ("good") are the gallery items with the query's pid and a different camera;
   **junk** are the items with the query's pid and the same camera, plus every item labelled −1 (the
@@ -10,9 +13,12 @@ gallery is never sorted. For each query:
   Distractors (pid −1000) are ordinary negatives; they never match — a query labelled −1000 (none in
   the protocol) has no true match instead of matching every distractor, the one place where this
   differs from ``test_sysu_combine.py``.
-* **Ranks.** The 0-based rank of a true match with score ``t`` is the number of valid (non-junk)
-  gallery items ranked above it, counted directly: negatives with score ``>= t`` plus true matches
-  ranked above it. No sort of the gallery.
+* **Matches first.** The true matches are known from the labels before any feature is seen; their
+  features are given first (:meth:`Scorer.set_matches`), so every later block only counts, for each
+  query, its negatives scoring ``>=`` each true match's score. On SYSU-30k they are 1,000 images, packed
+  before the distractors (their folder names sort first).
+* **Ranks.** The 0-based rank of the j-th true match (in ranking order) is the number of negatives
+  ranked above it plus ``j``. No sort of the gallery.
 * **Tie rule (pessimistic).** The ranking is by descending score; a negative with exactly the same
   score as a true match ranks *above* it; true matches tied with each other keep gallery order. The
   same as a stable sort on ``(-score, is_true_match, gallery_index)``. (The official script uses
@@ -27,13 +33,13 @@ gallery is never sorted. For each query:
 * **Averaging, as the official script:** CMC and AP are summed over the queries that have a true match
   and divided by the number of **all** queries.
 
-Cost: one matrix product, one ``top-k`` per query (for the per-query top-10 list) and one counting pass
-over the query's similarity row per true match (a candidate sort instead when a query has many).
+Every gallery item must be added exactly once (checked); the per-process states of a torchrun job are
+summed and merged on rank 0 (:meth:`Scorer.reduce`), with the same result as one process: the counts
+are integers and the top lists merge under the same total order.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -45,18 +51,17 @@ from .. import manifests
 from ..errors import UserError
 from ..release.constants import DISTRACTOR_PID
 
-log = logging.getLogger("sysu30k")
-
 JUNK_PID = -1              # the official script's junk label
 TOP_K = 10                 # gallery keys kept per query in the per-query table
-DIRECT_MAX_GOOD = 4        # up to this many true matches: one counting pass each; more: sort the candidates
+DIRECT_MAX_GOOD = 4        # up to this many true matches per query: compare directly; more: sort each block
+BLOCK_BYTES = 64 << 20     # working memory of one block on the CPU (4x on a GPU)
 TIE_RULE = ("pessimistic: a negative with exactly the score of a true match ranks above it; "
             "tied true matches keep gallery order")
 
 
 @dataclass
 class Scores:
-    """The result of :func:`score`. Arrays are per query, in query order."""
+    """The result of scoring. Arrays are per query, in query order."""
 
     cmc: np.ndarray                 # float64 [max_rank]; cmc[k-1] = rank-k accuracy over ALL queries
     map_official: float             # Market-style trapezoidal AP (test_sysu_combine.py), mean over all queries
@@ -77,15 +82,14 @@ class Scores:
         return out
 
 
-def auto_chunk(num_queries: int, num_gallery: int, device, budget_bytes: int = 384 << 20) -> int:
-    """Queries per similarity block: 64 on a GPU; on the CPU as many as ``budget_bytes`` of float32
-    scores allow, rounded down to a multiple of 16 (at least 16). Larger blocks are faster on the CPU (MKL
-    repacks the whole gallery for every product: 64-query blocks ran about 2× slower per query than
-    1,000-query ones here); 384 MB keeps the peak at a third of the dense approach's at full gallery size."""
+def auto_chunk(num_queries: int, num_gallery: int, device, budget_bytes: int = BLOCK_BYTES) -> int:
+    """Gallery items per block: as many as ``budget_bytes`` allow at about 16 bytes per query and item
+    (the scores, the masks, the counting comparisons), a multiple of 256 from 256 to 65,536; 4x the
+    budget on a GPU. 1,000 queries on the CPU: 4,096 items per block, a 16 MB score block."""
     if torch.device(device).type != "cpu":
-        return 64
-    fit = budget_bytes // (4 * max(num_gallery, 1))
-    return int(min(max(num_queries, 1), max(16, fit // 16 * 16)))
+        budget_bytes *= 4
+    fit = budget_bytes // (16 * max(num_queries, 1))
+    return int(min(max(num_gallery, 1), max(256, min(65_536, fit // 256 * 256))))
 
 
 def ap_from_ranks(ranks: np.ndarray) -> tuple[float, float]:
@@ -122,157 +126,233 @@ def _finite(t: torch.Tensor, keys, name: str) -> None:
                                 f"{keys[int(bad[0])]}: nothing is scored")
 
 
-def _labels(x, n: int, name: str) -> np.ndarray:
+def _labels(x, n: int | None, name: str) -> np.ndarray:
     a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x).astype(np.int64).reshape(-1)
-    if len(a) != n:
+    if n is not None and len(a) != n:
         raise UserError(f"{name} has {len(a)} entries for {n} feature rows")
     return a
 
 
-class _Gallery:
-    """Per-pid lookup of gallery indices, so a query finds its true matches and junk without a pass."""
-
-    def __init__(self, pids: np.ndarray, camids: np.ndarray):
-        self.camids = camids
-        self.order = np.argsort(pids, kind="stable")          # within a pid: ascending gallery index
-        self.upids, self.start, self.count = np.unique(pids[self.order], return_index=True, return_counts=True)
-        self.junk_label = self.same(JUNK_PID)
-
-    def same(self, pid: int) -> np.ndarray:
-        i = np.searchsorted(self.upids, pid)
-        if i < len(self.upids) and self.upids[i] == pid:
-            return self.order[self.start[i]:self.start[i] + self.count[i]]
-        return np.zeros(0, np.int64)
-
-    def good_junk(self, pid: int, camid: int) -> tuple[np.ndarray, np.ndarray]:
-        """(true matches, junk) of a query, both ascending gallery indices."""
-        if pid == DISTRACTOR_PID:
-            return np.zeros(0, np.int64), self.junk_label
-        same = self.same(pid)
-        cam_same = self.camids[same] == camid
-        junk = np.union1d(same[cam_same], self.junk_label) if len(self.junk_label) else same[cam_same]
-        good = same[~cam_same]
-        if len(self.junk_label) and len(good):
-            good = good[~np.isin(good, self.junk_label)]
-        return good, junk
+def _ranked(score: np.ndarray, good: np.ndarray, gidx: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Row by row, the first ``k`` columns in ranking order: descending score, a negative before a tied
+    true match, then ascending gallery index (padding: score -inf, index -1, sorts last)."""
+    order = np.lexsort((gidx, good, -score), axis=-1)[:, :k]
+    return tuple(np.take_along_axis(a, order, axis=1) for a in (score, good, gidx))
 
 
-def _count_ge(row: torch.Tensor, thresholds: np.ndarray) -> np.ndarray:
-    """For each threshold t (descending), the number of entries of ``row`` with value >= t."""
-    if row.device.type == "cpu":
-        r = row.numpy()
-        if len(thresholds) <= DIRECT_MAX_GOOD:
-            return np.array([np.count_nonzero(r >= t) for t in thresholds], np.int64)
-        cand = np.sort(r[r >= thresholds[-1]])
-        return len(cand) - np.searchsorted(cand, thresholds, side="left")
-    t = torch.as_tensor(thresholds, device=row.device, dtype=row.dtype)
-    if len(thresholds) <= DIRECT_MAX_GOOD:
-        return (row[None, :] >= t[:, None]).sum(1).cpu().numpy()
-    cand = torch.sort(row[row >= t[-1]]).values
-    return len(cand) - torch.searchsorted(cand, t, right=False).cpu().numpy()
+class Scorer:
+    """The streaming state of one scoring run (see the module docstring): queries' features, labels of
+    the whole gallery, and per query the counts and the top list. Gallery features come in blocks:
+    :meth:`add_matches` with the items :attr:`matched` names first, then :meth:`add` for the rest."""
 
+    def __init__(self, query_feats, query_pids, query_camids, gallery_pids, gallery_camids, query_keys=None,
+                 gallery_keys=None, device=None, max_rank: int = 20, top_k: int = TOP_K):
+        q = _as_tensor(query_feats, "query features")
+        if max_rank < 1 or top_k < 0:
+            raise UserError("max_rank must be positive and top_k not negative")
+        nq = q.shape[0]
+        self.qpid, self.qcam = _labels(query_pids, nq, "query pids"), _labels(query_camids, nq, "query camids")
+        self.gpid = _labels(gallery_pids, None, "gallery pids")
+        ng = len(self.gpid)
+        self.gcam = _labels(gallery_camids, ng, "gallery camids")
+        self.qkeys = [str(i) for i in range(nq)] if query_keys is None else list(query_keys)
+        self.gkeys = np.asarray([str(i) for i in range(ng)] if gallery_keys is None else list(gallery_keys),
+                                dtype=object)
+        if len(self.qkeys) != nq or len(self.gkeys) != ng:
+            raise UserError("query/gallery keys must have one entry per feature row")
+        _finite(q, self.qkeys, "query features")
+        self.device = torch.device(device) if device is not None else q.device
+        self.q = q.to(self.device)
+        self.max_rank, self.top_k = max_rank, top_k
+        t = lambda a: torch.as_tensor(a, device=self.device)
+        self._qpid, self._qcam, self._gpid, self._gcam = t(self.qpid), t(self.qcam), t(self.gpid), t(self.gcam)
+        self._qvalid = t(self.qpid != DISTRACTOR_PID)
+        wanted = self.qpid[(self.qpid != DISTRACTOR_PID) & (self.qpid != JUNK_PID)]
+        self.matched = np.flatnonzero(np.isin(self.gpid, wanted) & (self.gpid != JUNK_PID))
+        self.n_good = np.zeros(nq, np.int64)
+        self._thr = torch.zeros((nq, 0), dtype=self._score_dtype(), device=self.device)
+        self.counts = torch.zeros((nq, 0), dtype=torch.int64, device=self.device)
+        self.seen = np.zeros(ng, np.int32)
+        self.top_score = np.full((nq, top_k), -np.inf)
+        self.top_good = np.zeros((nq, top_k), bool)
+        self.top_gidx = np.full((nq, top_k), -1, np.int64)
+        self._ready = len(self.matched) == 0
+        self._t0 = time.perf_counter()
 
-def _top_list(row: torch.Tensor, vals: np.ndarray, idx: np.ndarray, junk: np.ndarray, good: np.ndarray,
-              k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``k`` valid gallery indices under the tie rule, from a top-m candidate list of ``row``
-    (m > k + len(junk) unless the gallery is smaller); re-gathers the ties at the boundary if needed."""
-    keep = ~np.isin(idx, junk) if len(junk) else np.ones(len(idx), bool)
-    v_idx, v_val = idx[keep], vals[keep]
-    if len(v_idx) == 0:
-        return v_idx, v_val
-    kth = np.sort(v_val)[::-1][min(k, len(v_val)) - 1]
-    if kth == vals.min() and len(idx) < row.shape[0]:   # ties may reach beyond the candidates
-        v_idx = torch.nonzero(row >= float(kth)).flatten().cpu().numpy()
-        v_val = row[torch.as_tensor(v_idx, device=row.device)].cpu().numpy()
-        if len(junk):
-            keep = ~np.isin(v_idx, junk)
-            v_idx, v_val = v_idx[keep], v_val[keep]
-    is_good = np.isin(v_idx, good)
-    o = np.lexsort((v_idx, is_good, -v_val.astype(np.float64)))[:k]
-    return v_idx[o], v_val[o]
+    @property
+    def num_gallery(self) -> int:
+        return len(self.gpid)
+
+    def _score_dtype(self) -> torch.dtype:
+        return self.q.dtype if self.q.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _block(self, gidx, feats) -> tuple[np.ndarray, torch.Tensor]:
+        gidx = np.asarray(gidx, np.int64).reshape(-1)
+        f = _as_tensor(feats, "gallery features")
+        if f.shape[0] != len(gidx):
+            raise UserError(f"{f.shape[0]} gallery feature rows for {len(gidx)} gallery indices")
+        if f.shape[1] != self.q.shape[1]:
+            raise UserError(f"query features are {self.q.shape[1]}-d but gallery features are {f.shape[1]}-d")
+        if len(gidx) and (gidx.min() < 0 or gidx.max() >= self.num_gallery):
+            raise ValueError(f"gallery index out of range 0..{self.num_gallery - 1}")
+        _finite(f, self.gkeys[gidx], "gallery features of a block")
+        return gidx, f.to(self.device, dtype=self.q.dtype)
+
+    def _sims(self, f: torch.Tensor) -> torch.Tensor:
+        s = self.q @ f.T                                            # [Q, B]
+        return s if s.dtype == self._score_dtype() else s.to(self._score_dtype())
+
+    def _masks(self, gidx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(true match, junk) of every query and block item, [Q, B] bool."""
+        i = torch.as_tensor(gidx, device=self.device)
+        gp, gc = self._gpid[i], self._gcam[i]
+        same = (self._qpid[:, None] == gp[None, :]) & self._qvalid[:, None]
+        same_cam = self._qcam[:, None] == gc[None, :]
+        junk_label = (gp == JUNK_PID)[None, :]
+        return same & ~same_cam & ~junk_label, (same & same_cam) | junk_label
+
+    def add_matches(self, gidx, feats) -> None:
+        """The features of exactly the items :attr:`matched` names, before any other block: their
+        scores become each query's thresholds; then they are scored like any block."""
+        gidx, f = self._block(gidx, feats)
+        if self._ready and len(self.matched):
+            raise ValueError("add_matches was already called")
+        if not np.array_equal(np.sort(gidx), self.matched):
+            raise ValueError("add_matches needs the features of exactly the gallery items Scorer.matched names")
+        with torch.inference_mode():
+            sims = self._sims(f)
+            good, _ = self._masks(gidx)
+        s = np.where(good.cpu().numpy(), sims.cpu().numpy().astype(np.float64), -np.inf)
+        g = good.cpu().numpy()
+        self.n_good = g.sum(1).astype(np.int64)
+        j = int(self.n_good.max(initial=0))
+        score, _, _ = _ranked(s, ~g, np.broadcast_to(gidx, s.shape), j)      # true matches first, in ranking order
+        thr = np.where(np.arange(j)[None, :] < self.n_good[:, None], score, np.inf)
+        self._thr = torch.as_tensor(thr, dtype=self._score_dtype(), device=self.device)
+        self.counts = torch.zeros((len(self.qpid), j), dtype=torch.int64, device=self.device)
+        self._ready = True
+        self._score(gidx, f)
+
+    def add(self, gidx, feats) -> None:
+        """Score one block of gallery items (indices into the gallery labels, any order)."""
+        if not self._ready:
+            raise ValueError("add_matches (the items Scorer.matched names) must come before any other block")
+        self._score(*self._block(gidx, feats))
+
+    def _score(self, gidx: np.ndarray, f: torch.Tensor) -> None:
+        np.add.at(self.seen, gidx, 1)
+        if not len(gidx):
+            return
+        with torch.inference_mode():
+            sims = self._sims(f)
+            good, junk = self._masks(gidx)
+            if self.counts.shape[1]:
+                neg = sims.masked_fill(good | junk, -torch.inf)
+                if self.counts.shape[1] <= DIRECT_MAX_GOOD:
+                    self.counts += (neg[:, :, None] >= self._thr[:, None, :]).sum(1)
+                else:
+                    ordered = torch.sort(neg, dim=1).values
+                    self.counts += neg.shape[1] - torch.searchsorted(ordered, self._thr.contiguous())
+            if self.top_k:
+                self._merge_top(sims.masked_fill(junk, -torch.inf), good, gidx)
+
+    def _merge_top(self, valid: torch.Tensor, good: torch.Tensor, gidx: np.ndarray) -> None:
+        """Merge the block's first ``top_k`` valid items (exactly, ties at the boundary included) into
+        each query's running top list."""
+        k = min(self.top_k, valid.shape[1])
+        vals, pos = torch.topk(valid, k, dim=1)
+        kth = vals[:, -1:]
+        split_tie = torch.nonzero(((valid >= kth).sum(1) > k) & torch.isfinite(kth[:, 0])).flatten().tolist()
+        score = vals.cpu().numpy().astype(np.float64)
+        is_good = good.gather(1, pos).cpu().numpy()
+        idx = gidx[pos.cpu().numpy()]
+        for r in split_tie:                      # rare: a tie crosses the k-th place, gather all of it
+            cols = torch.nonzero(valid[r] >= kth[r]).flatten()
+            s, g, i = _ranked(valid[r, cols].cpu().numpy().astype(np.float64)[None], good[r, cols].cpu().numpy()[None],
+                              gidx[cols.cpu().numpy()][None], k)
+            score[r], is_good[r], idx[r] = s[0], g[0], i[0]
+        score[idx < 0] = -np.inf
+        merged = _ranked(np.concatenate([self.top_score, score], 1), np.concatenate([self.top_good, is_good], 1),
+                         np.concatenate([self.top_gidx, idx], 1), self.top_k)
+        self.top_score, self.top_good, self.top_gidx = merged
+        self.top_gidx = np.where(np.isfinite(self.top_score), self.top_gidx, -1)
+
+    def reduce(self) -> None:
+        """Sum the states of all ranks of a torch.distributed job (call on every rank; rank 0 then holds
+        the job's result). A no-op in a single process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        counts, seen = self.counts.to(dev), torch.from_numpy(self.seen).to(dev)
+        dist.all_reduce(counts)
+        dist.all_reduce(seen)
+        self.counts, self.seen = counts.to(self.device), seen.cpu().numpy()
+        parts = []
+        for a in (self.top_score, self.top_good.astype(np.int64), self.top_gidx):
+            t = torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+            got = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(got, t)
+            parts.append(np.concatenate([x.cpu().numpy() for x in got], 1))
+        self.top_score, self.top_good, self.top_gidx = _ranked(parts[0], parts[1].astype(bool), parts[2], self.top_k)
+
+    def result(self) -> Scores:
+        """The scores, once every gallery item was added exactly once."""
+        if not self._ready or (self.seen != 1).any():
+            never, twice = np.flatnonzero(self.seen == 0), np.flatnonzero(self.seen > 1)
+            if len(twice):
+                raise ValueError(f"{len(twice)} gallery item(s) were scored twice, e.g. {self.gkeys[twice[0]]}")
+            raise UserError(f"{len(never)} of {self.num_gallery} gallery item(s) were never scored, e.g. "
+                            f"{self.gkeys[never[0]]}: a score over part of the gallery is not the gallery's")
+        nq = len(self.qpid)
+        counts = self.counts.cpu().numpy()
+        first = np.full(nq, -1, np.int64)
+        ap_off, ap_std = np.zeros(nq), np.zeros(nq)
+        for i in np.flatnonzero(self.n_good):
+            ranks = counts[i, :self.n_good[i]] + np.arange(self.n_good[i])
+            first[i] = ranks[0]
+            ap_off[i], ap_std[i] = ap_from_ranks(ranks)
+        cmc = np.zeros(self.max_rank)
+        np.add.at(cmc, first[(first >= 0) & (first < self.max_rank)], 1)
+        cmc = np.cumsum(cmc) / max(nq, 1)
+        keep = self.top_gidx >= 0
+        top_idx = [row[m] for row, m in zip(self.top_gidx, keep)]
+        top_val = [row[m] for row, m in zip(self.top_score, keep)]
+        per_query = _per_query_table(self.qkeys, self.qpid, self.qcam, first, self.n_good, ap_off, ap_std, top_idx,
+                                     top_val, self.gkeys, self.gpid, self.gcam)
+        return Scores(cmc=cmc, map_official=float(ap_off.sum() / max(nq, 1)),
+                      map_standard=float(ap_std.sum() / max(nq, 1)), per_query=per_query, first_rank=first,
+                      n_good=self.n_good, ap_official=ap_off, ap_standard=ap_std, num_gallery=self.num_gallery,
+                      seconds=time.perf_counter() - self._t0)
 
 
 def score(query_feats, query_pids, query_camids, gallery_feats, gallery_pids, gallery_camids,
-          query_keys=None, gallery_keys=None, chunk: int = 64, device=None, max_rank: int = 20,
+          query_keys=None, gallery_keys=None, chunk: int | None = None, device=None, max_rank: int = 20,
           top_k: int = TOP_K) -> Scores:
-    """Score queries against a gallery with the official protocol (see the module docstring).
+    """Score queries against a gallery held in memory with the official protocol (see the module docstring).
 
     Features are ``[N, D]`` tensors or arrays, expected L2-normalised (the score is their dot product);
-    pids and camids are integer sequences. ``device``: where the similarity blocks are computed
-    (default: the gallery's device); the gallery is moved there once. ``chunk``: queries per block
-    (memory: ``chunk × G`` scores). Keys default to the row numbers as strings.
+    pids and camids are integer sequences. ``device``: where the blocks are scored (default: the
+    gallery's device). ``chunk``: gallery items per block (default :func:`auto_chunk`). Keys default to
+    the row numbers as strings.
     """
-    t0 = time.perf_counter()
-    q = _as_tensor(query_feats, "query features")
     g = _as_tensor(gallery_feats, "gallery features")
-    if q.shape[1] != g.shape[1]:
-        raise UserError(f"query features are {q.shape[1]}-d but gallery features are {g.shape[1]}-d")
-    if chunk < 1 or max_rank < 1:
-        raise UserError("chunk and max_rank must be positive")
-    nq, ng = q.shape[0], g.shape[0]
-    qpid, qcam = _labels(query_pids, nq, "query pids"), _labels(query_camids, nq, "query camids")
-    gpid, gcam = _labels(gallery_pids, ng, "gallery pids"), _labels(gallery_camids, ng, "gallery camids")
-    qkeys = [str(i) for i in range(nq)] if query_keys is None else list(query_keys)
-    gkeys = np.asarray([str(i) for i in range(ng)] if gallery_keys is None else list(gallery_keys), dtype=object)
-    if len(qkeys) != nq or len(gkeys) != ng:
-        raise UserError("query/gallery keys must have one entry per feature row")
-    _finite(q, qkeys, "query features")
-    _finite(g, gkeys, "gallery features")
-    dev = torch.device(device) if device is not None else g.device
-    g = g.to(dev)
-    if g.dtype != q.dtype:
-        q = q.to(g.dtype)
-    lookup = _Gallery(gpid, gcam)
-
-    first = np.full(nq, -1, np.int64)
-    n_good = np.zeros(nq, np.int64)
-    ap_off, ap_std = np.zeros(nq), np.zeros(nq)
-    top_idx: list[np.ndarray] = [None] * nq
-    top_val: list[np.ndarray] = [None] * nq
-    with torch.inference_mode():
-        for a in range(0, nq, chunk):
-            b = min(nq, a + chunk)
-            sims = q[a:b].to(dev) @ g.T                                   # [c, G]
-            if sims.dtype not in (torch.float32, torch.float64):
-                sims = sims.float()
-            gj = [lookup.good_junk(int(qpid[i]), int(qcam[i])) for i in range(a, b)]
-            m = min(ng, top_k + 1 + max(len(j) for _, j in gj))
-            tv, ti = torch.topk(sims, m, dim=1) if m else (sims[:, :0], sims[:, :0].long())
-            tv, ti = tv.cpu().numpy(), ti.cpu().numpy()
-            rows = np.concatenate([np.full(len(x) + len(y), i, np.int64) for i, (x, y) in enumerate(gj)])
-            cols = np.concatenate([np.concatenate([x, y]) for x, y in gj]).astype(np.int64)
-            picked = sims[torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)].cpu().numpy() \
-                if len(rows) else np.zeros(0, np.float32)
-            pos = 0
-            for i, (good, junk) in enumerate(gj):
-                sg = picked[pos:pos + len(good)]
-                sj = picked[pos + len(good):pos + len(good) + len(junk)]
-                pos += len(good) + len(junk)
-                qi = a + i
-                row = sims[i]
-                top_idx[qi], top_val[qi] = _top_list(row, tv[i], ti[i], junk, good, top_k)
-                n_good[qi] = len(good)
-                if not len(good):
-                    continue
-                o = np.argsort(-sg.astype(np.float64), kind="stable")      # tie rule among true matches
-                sg = sg[o]
-                ge_all = _count_ge(row, sg)
-                ge_junk = (sj[None, :] >= sg[:, None]).sum(1) if len(sj) else 0
-                ge_good = (sg[None, :] >= sg[:, None]).sum(1)
-                ranks = ge_all - ge_junk - ge_good + np.arange(len(sg))
-                first[qi] = ranks[0]
-                ap_off[qi], ap_std[qi] = ap_from_ranks(ranks)
-            del sims, row          # no view may keep this block alive while the next one is computed
-
-    cmc = np.zeros(max_rank)
-    hit = first[(first >= 0) & (first < max_rank)]
-    np.add.at(cmc, hit, 1)
-    cmc = np.cumsum(cmc) / max(nq, 1)
-    per_query = _per_query_table(qkeys, qpid, qcam, first, n_good, ap_off, ap_std, top_idx, top_val, gkeys, gpid,
-                                 gcam)
-    return Scores(cmc=cmc, map_official=float(ap_off.sum() / max(nq, 1)), map_standard=float(ap_std.sum() / max(nq, 1)),
-                  per_query=per_query, first_rank=first, n_good=n_good, ap_official=ap_off, ap_standard=ap_std,
-                  num_gallery=ng, seconds=time.perf_counter() - t0)
+    s = Scorer(query_feats, query_pids, query_camids, gallery_pids, gallery_camids, query_keys, gallery_keys,
+               device=device if device is not None else g.device, max_rank=max_rank, top_k=top_k)
+    if g.shape[0] != s.num_gallery:
+        raise UserError(f"gallery pids has {s.num_gallery} entries for {g.shape[0]} feature rows")
+    _finite(g, s.gkeys, "gallery features")               # the whole file's count, before any block
+    if chunk is not None and chunk < 1:
+        raise UserError("chunk must be positive")
+    chunk = chunk or auto_chunk(len(s.qpid), s.num_gallery, s.device)
+    m = torch.as_tensor(s.matched)
+    s.add_matches(s.matched, g[m])
+    rest = np.setdiff1d(np.arange(s.num_gallery), s.matched)
+    for a in range(0, len(rest), chunk):
+        block = rest[a:a + chunk]
+        s.add(block, g[torch.as_tensor(block)])
+    return s.result()
 
 
 def _per_query_table(qkeys, qpid, qcam, first, n_good, ap_off, ap_std, top_idx, top_val, gkeys, gpid,

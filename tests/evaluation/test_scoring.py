@@ -270,12 +270,66 @@ def test_gpu_matches_reference(monkeypatch, direct):
 
 
 def test_auto_chunk_fits_budget():
-    """The CPU block holds at most the budget of float32 scores, in multiples of 16 queries, and never more
-    queries than there are; the full SYSU-30k gallery gets blocks of 208 (≤ 384 MB)."""
-    from sysu30k.evaluation.scoring import auto_chunk
+    """A CPU block holds about the budget (16 bytes per query and item), in multiples of 256 items, never more
+    items than the gallery has; the full SYSU-30k test set gets 4,096-item blocks (a 16 MB score block)."""
+    from sysu30k.evaluation.scoring import BLOCK_BYTES, auto_chunk
 
     full = auto_chunk(1000, 479_730, "cpu")
-    assert full == 208 and full * 479_730 * 4 <= 384 << 20
-    assert auto_chunk(50, 300, "cpu") == 50
-    assert auto_chunk(1000, 100_000_000, "cpu") == 16
-    assert auto_chunk(1000, 479_730, "cpu", budget_bytes=1 << 30) % 16 == 0
+    assert full == 4096 and full * 1000 * 16 <= BLOCK_BYTES
+    assert auto_chunk(50, 300, "cpu") == 300
+    assert auto_chunk(100_000, 479_730, "cpu") == 256
+    assert auto_chunk(1000, 479_730, "cpu", budget_bytes=1 << 30) % 256 == 0
+    assert abs(auto_chunk(1000, 479_730, "cuda") - 4 * full) < 256
+
+
+# ----------------------------------------------------------------------------- streaming blocks
+
+def _stream(case, blocks, rng, device="cpu"):
+    """Score ``case`` through a Scorer: the matched items first, then the rest in ``blocks`` random pieces in a
+    random order."""
+    from sysu30k.evaluation.scoring import Scorer
+
+    qf, ql, qc, gf, gl, gc = case
+    s = Scorer(torch.from_numpy(qf.astype(np.float32)), ql, qc, gl, gc, device=device)
+    s.add_matches(s.matched, torch.from_numpy(gf[s.matched].astype(np.float32)))
+    rest = rng.permutation(np.setdiff1d(np.arange(len(gl)), s.matched))
+    for part in np.array_split(rest, blocks):
+        s.add(part, torch.from_numpy(gf[part].astype(np.float32)))
+    return s
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_blocks_in_any_order_match_the_reference(seed):
+    """Gallery blocks of any size in any order give the reference's numbers and top lists."""
+    rng = np.random.default_rng(seed)
+    case = random_case(seed, ids=8 if seed % 2 else 25)
+    want = check(*case, chunk=300)
+    for blocks in (1, 5, 97):
+        got = _stream(case, blocks, rng).result()
+        np.testing.assert_array_equal(got.first_rank, want.first_rank)
+        np.testing.assert_array_equal(got.ap_official, want.ap_official)
+        assert got.per_query["top_keys"].to_pylist() == want.per_query["top_keys"].to_pylist()
+
+
+def test_streaming_refuses_missing_duplicate_and_early_blocks():
+    """An item never added, an item added twice, or a block before the matches: refused, never scored."""
+    from sysu30k.errors import UserError
+    from sysu30k.evaluation.scoring import Scorer
+
+    qf, ql, qc, gf, gl, gc = random_case(3)
+    g = torch.from_numpy(gf.astype(np.float32))
+    s = Scorer(torch.from_numpy(qf.astype(np.float32)), ql, qc, gl, gc)
+    rest = np.setdiff1d(np.arange(len(gl)), s.matched)
+    with pytest.raises(ValueError, match="must come before"):
+        s.add(rest[:3], g[rest[:3]])
+    with pytest.raises(ValueError, match="exactly the gallery items"):
+        s.add_matches(s.matched[1:], g[s.matched[1:]])
+    s.add_matches(s.matched, g[s.matched])
+    s.add(rest[:-1], g[rest[:-1]])
+    with pytest.raises(UserError, match="1 of 300 gallery item.*never scored"):
+        s.result()
+    s.add(rest[-2:], g[rest[-2:]])
+    with pytest.raises(ValueError, match="scored twice"):
+        s.result()
+    with pytest.raises(UserError, match="not finite"):
+        s.add(rest[:1], torch.full((1, g.shape[1]), float("nan")))
