@@ -12,8 +12,10 @@ file). ``pid``/``camid`` may be null or absent; :func:`join_split` then takes th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,18 +45,19 @@ class FeatureSet:
         return len(self.keys)
 
 
-def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, normalize: bool = True,
-                     dtype: torch.dtype = torch.float32):
-    """Embed every valid image of ``loader`` (an :class:`~sysu30k.loader.EvalLoader`) with ``model``.
+Batch = tuple[torch.Tensor, list[str], np.ndarray, np.ndarray]
 
-    Returns ``(feats [N, D] float32 on the CPU, keys, pids, camids)`` in loader order; damaged images
-    and padding slots are dropped (and logged). ``dtype`` is the compute dtype on ``device`` (e.g.
-    ``torch.float16`` on a GPU); features are accumulated in float32.
-    """
+
+def iter_features(model: torch.nn.Module, loader, device, flip: bool = True, normalize: bool = True,
+                  dtype: torch.dtype = torch.float32) -> Iterator[Batch]:
+    """Embed the valid images of ``loader`` (an :class:`~sysu30k.loader.EvalLoader`) with ``model``, batch
+    by batch: ``(feats [n, D] float32 on the CPU, keys, pids, camids)``. Damaged images and padding slots
+    are dropped (and logged at the end). ``dtype`` is the compute dtype on ``device`` (e.g.
+    ``torch.float16`` on a GPU); features are accumulated in float32."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    feats, keys, pids, camids, dropped = [], [], [], [], []
+    dropped: list[str] = []
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -70,18 +73,24 @@ def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, 
                 if normalize:
                     f = torch.nn.functional.normalize(f, dim=1)
                 idx = torch.from_numpy(np.flatnonzero(valid))
-                feats.append(f[idx.to(f.device)].cpu())
-                keys += [batch.keys[i] for i in idx.tolist()]
-                pids.append(batch.pid[idx].numpy() if batch.pid is not None else np.full(len(idx), -1))
-                camids.append(batch.camid[idx].numpy() if batch.camid is not None else np.full(len(idx), -1))
+                yield (f[idx.to(f.device)].cpu(), [batch.keys[i] for i in idx.tolist()],
+                       batch.pid[idx].numpy().astype(np.int64) if batch.pid is not None else np.full(len(idx), -1),
+                       batch.camid[idx].numpy().astype(np.int64) if batch.camid is not None else np.full(len(idx), -1))
     finally:
         model.train(was_training)
-    if dropped:
-        log.warning("feature extraction skipped %d damaged image(s), e.g. %s", len(set(dropped)),
-                    ", ".join(sorted(set(dropped))[:5]))
-    if not feats:
+        if dropped:
+            log.warning("feature extraction skipped %d damaged image(s), e.g. %s", len(set(dropped)),
+                        ", ".join(sorted(set(dropped))[:5]))
+
+
+def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, normalize: bool = True,
+                     dtype: torch.dtype = torch.float32):
+    """All of :func:`iter_features` at once: ``(feats [N, D], keys, pids, camids)`` in loader order."""
+    parts = list(iter_features(model, loader, device, flip, normalize, dtype))
+    if not parts:
         return torch.zeros(0, 0), [], np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return torch.cat(feats), keys, np.concatenate(pids).astype(np.int64), np.concatenate(camids).astype(np.int64)
+    return (torch.cat([p[0] for p in parts]), [k for p in parts for k in p[1]],
+            np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
 
 
 def _embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -93,40 +102,67 @@ def _embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the Parquet format
 
-def write_features(path, keys, pids, camids, feats, storage: Storage | None = None,
-                   metadata: dict | None = None) -> None:
-    """Write a feature file (atomically). ``pids``/``camids`` may be None (keys-only file)."""
-    feats = np.ascontiguousarray(feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else feats,
-                                 dtype=np.float32)
-    if feats.ndim != 2:
-        raise UserError(f"features must be [N, D], got shape {feats.shape}")
-    n, d = feats.shape
-    keys = [str(k) for k in keys]
-    if len(keys) != n:
-        raise UserError(f"{len(keys)} keys for {n} feature rows")
-    schema = manifests.schema("features")
-    if metadata:
-        schema = schema.with_metadata({**schema.metadata, **{str(k).encode(): str(v).encode()
-                                                             for k, v in metadata.items()}})
+class FeatureWriter:
+    """A feature file written batch by batch (atomically: it appears, complete, when the ``with`` block
+    ends without an error). ``pids``/``camids`` None: a keys-only file."""
 
-    def column(values, typ):
-        if values is None:
-            return pa.nulls(n, typ)
-        a = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(-1)
-        if len(a) != n:
-            raise UserError(f"{len(a)} labels for {n} feature rows")
-        return pa.array(a.astype(typ.to_pandas_dtype()), typ)
+    def __init__(self, path, storage: Storage | None = None, metadata: dict | None = None):
+        self.store, self.rel = (storage, str(path)) if storage is not None else _local(path)
+        schema = manifests.schema("features")
+        if metadata:
+            schema = schema.with_metadata({**schema.metadata, **{str(k).encode(): str(v).encode()
+                                                                 for k, v in metadata.items()}})
+        self.schema, self.dim, self.rows = schema, None, 0
 
-    pid_col, cam_col = column(pids, pa.int32()), column(camids, pa.int8())
-    step = max(1, min(n, MAX_LIST_VALUES // max(d, 1)))
-    store, rel = (storage, str(path)) if storage is not None else _local(path)
-    with store.open_atomic(rel) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+    def __enter__(self) -> FeatureWriter:
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(self.store.open_atomic(self.rel))
+            self._writer = pq.ParquetWriter(f, self.schema, compression="zstd")
+            stack.callback(self._writer.close)            # the footer first, then the rename
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def write(self, keys, pids, camids, feats) -> None:
+        """Append rows: ``feats`` [n, D] (D the same for the whole file)."""
+        feats = np.ascontiguousarray(feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else feats,
+                                     dtype=np.float32)
+        if feats.ndim != 2:
+            raise UserError(f"features must be [N, D], got shape {feats.shape}")
+        n, d = feats.shape
+        if self.dim is not None and d != self.dim:
+            raise UserError(f"features are {d}-d after {self.dim}-d ones: one length per file")
+        self.dim = d
+        keys = [str(k) for k in keys]
+        if len(keys) != n:
+            raise UserError(f"{len(keys)} keys for {n} feature rows")
+
+        def column(values, typ):
+            if values is None:
+                return pa.nulls(n, typ)
+            a = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values).reshape(-1)
+            if len(a) != n:
+                raise UserError(f"{len(a)} labels for {n} feature rows")
+            return pa.array(a.astype(typ.to_pandas_dtype()), typ)
+
+        pid_col, cam_col = column(pids, pa.int32()), column(camids, pa.int8())
+        step = max(1, min(n, MAX_LIST_VALUES // max(d, 1)))
         for a in range(0, max(n, 1), step):
             b = min(n, a + step)
             offsets = pa.array(np.arange(0, (b - a) * d + 1, d, dtype=np.int32) if b > a else np.zeros(1, np.int32))
             vec = pa.ListArray.from_arrays(offsets, pa.array(feats[a:b].reshape(-1)))
-            writer.write_table(pa.table([pa.array(keys[a:b], pa.string()), pid_col[a:b], cam_col[a:b], vec],
-                                        schema=schema))
+            self._writer.write_table(pa.table([pa.array(keys[a:b], pa.string()), pid_col[a:b], cam_col[a:b], vec],
+                                              schema=self.schema))
+        self.rows += n
+
+
+def write_features(path, keys, pids, camids, feats, storage: Storage | None = None,
+                   metadata: dict | None = None) -> None:
+    """Write a feature file in one go (atomically). ``pids``/``camids`` may be None (keys-only file)."""
+    with FeatureWriter(path, storage, metadata) as w:
+        w.write(keys, pids, camids, feats)
 
 
 def read_features(path, storage: Storage | None = None) -> FeatureSet:

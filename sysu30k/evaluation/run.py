@@ -3,10 +3,12 @@ and write the run folder (:mod:`sysu30k.evaluation.reports`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +21,15 @@ from ..errors import UserError
 from ..io.device import resolve_device
 from ..io.storage import Storage
 from ..loader import EvalLoader, LoaderOptions, TransformSpec, resolve_decoder
-from ..model import build_model
-from ..model.checkpoint import load as load_checkpoint
+from ..model.formats import load_network
 from .config import EvalOptions
-from .features import FeatureSet, extract_features, join_split, read_features, write_features
+from .features import FeatureSet, FeatureWriter, iter_features, join_split, read_features, write_features
 from .reports import write_run
-from .scoring import auto_chunk, score
+from .scoring import Scorer, auto_chunk, score
 
 log = logging.getLogger("sysu30k")
+
+
 class IncompleteSplit(UserError):
     """Images of the split could not be embedded: a score without them would not be the split's."""
 
@@ -57,37 +60,61 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
 
 def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalOptions = EvalOptions(),
                         dtype: torch.dtype = torch.float32) -> dict:
-    """Extract features of ``split`` with the model of ``checkpoint``, score them, write the run folder; returns
-    metrics.json. The features are cached in ``out_dir`` as ``features-<split>-<digest>.parquet``, keyed by
-    everything that decides them (:func:`_feature_settings`) and reused only on an exact match that covers
-    the split's images exactly."""
-    split, flip, normalize = opts.split, opts.flip, opts.normalize
+    """Extract features of ``split`` with the network of ``checkpoint`` (any format of
+    :data:`sysu30k.model.FORMATS`), score them, write the run folder; returns metrics.json.
+
+    When the split's features fit ``opts.memory_budget`` they are held in memory and cached in ``out_dir``
+    as ``features-<split>-<digest>.parquet``, keyed by everything that decides them
+    (:func:`_feature_settings`) and reused only on an exact match that covers the split's images exactly.
+    Otherwise the gallery is scored as it is extracted (:func:`stream_split`), the features written only
+    with ``opts.save_features``."""
+    split = opts.split
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
         raise UserError(f"no checkpoint at {checkpoint}")
     dev = resolve_device(opts.device)
-    ckpt = load_checkpoint(ckpt_path)
-    trained = ckpt.get("config", {})                    # by default, extract at the size the model was trained at
-    height, width = opts.height or trained.get("height", 256), opts.width or trained.get("width", 128)
+    loaded = load_network(ckpt_path, opts.feature)
+    height, width = opts.height or loaded.size[0], opts.width or loaded.size[1]
+    if loaded.format != "sysu30k" and opts.decoder == "auto":
+        opts = replace(opts, decoder="pil")      # the official script's pixels: Pillow, whole image, bicubic
+        log.info("decoder: pil (the official preprocessing; --decoder dali to trade exactness for speed)")
     sha1 = _sha1(ckpt_path)                             # the file is read once for it
     digest = sha1[:12]
     out = Storage(out_dir)
     dst = Storage(dst_url, opts.storage_options)
     roles = split_roles(dst, split)
-    settings = _feature_settings(sha1, dst, opts, height, width, dtype)
+    settings = _feature_settings(sha1, dst, opts, height, width, dtype, loaded.feature)
     cache_rel = f"features-{split}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}.parquet"
-    allf = _cached(out, cache_rel, settings, roles)
-    if allf is None:
-        allf = extract_split(_model(ckpt, ckpt_path, dev), dst_url, split, roles, dev, opts.batch, opts.workers, flip,
-                             normalize, height, width, opts.decoder, opts.storage_options, dtype)
-        write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out,
-                       metadata={"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split,
-                                 "settings": settings})
-        log.info("features: wrote %s", out.path(cache_rel))
-    q, g = by_role(allf, roles)
+    network = loaded.network.to(dev)
+    dim = _feature_dim(network, height, width, dev, dtype)
+    need = (len(roles["query"]) + len(roles["gallery"])) * dim * 4
     meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
-            "features": cache_rel, "flip": flip, "normalize": normalize, "label": ckpt_path.stem}
-    return _score_and_write(q, g, out_dir, meta, dst_url, opts)
+            "checkpoint_format": loaded.format, "feature": loaded.feature, "feature_dim": dim, "size": [height, width],
+            "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
+            "label": ckpt_path.stem}
+    file_meta = {"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split, "settings": settings}
+    if need <= opts.memory_budget:
+        allf = _cached(out, cache_rel, settings, roles)
+        if allf is None:
+            allf = extract_split(network, dst_url, split, roles, dev, opts.batch, opts.workers, opts.flip,
+                                 opts.normalize, height, width, opts.decoder, opts.storage_options, dtype)
+            write_features(cache_rel, allf.keys, allf.pids, allf.camids, allf.feats, storage=out, metadata=file_meta)
+            log.info("features: wrote %s", out.path(cache_rel))
+        q, g = by_role(allf, roles)
+        return _score_and_write(q, g, out_dir, {**meta, "features": cache_rel, "scoring": "in memory"}, dst_url, opts)
+    log.info("features: %d images x %d-d need %.1f GB, over --memory-budget %.1f GB: the gallery is scored as it "
+             "is extracted", len(roles["query"]) + len(roles["gallery"]), dim, need / 1e9, opts.memory_budget / 1e9)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        writer = (stack.enter_context(FeatureWriter(cache_rel, out, file_meta)) if opts.save_features else None)
+        s = stream_split(network, dst_url, split, roles, dev, opts, height, width, dtype, writer)
+    meta = {**meta, "features": cache_rel if opts.save_features else None, "scoring": "streamed", "device": str(dev),
+            "chunk": None}
+    metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=opts.show, worst=opts.worst,
+                        storage_options=opts.storage_options)
+    log.info("extracted and scored %d queries against %d gallery images in %.1f s", len(roles["query"]),
+             len(roles["gallery"]), time.perf_counter() - t0)
+    return metrics
 
 
 def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts: EvalOptions) -> dict:
@@ -103,8 +130,69 @@ def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts:
     return metrics
 
 
+def _feature_dim(network: torch.nn.Module, height: int, width: int, dev: torch.device, dtype: torch.dtype) -> int:
+    """The length of ``network``'s feature, from one forward pass of a blank image."""
+    with torch.inference_mode():
+        return int(network(torch.zeros(1, 3, height, width, device=dev, dtype=dtype)).flatten(1).shape[1])
+
+
+def stream_split(network: torch.nn.Module, dst_url: str, split: str, roles: dict, dev: torch.device,
+                 opts: EvalOptions, height: int, width: int, dtype: torch.dtype = torch.float32,
+                 writer: FeatureWriter | None = None):
+    """Extract and score ``split`` without holding the gallery's features: the queries first, then the
+    gallery images that are some query's true match (:attr:`Scorer.matched`; on SYSU-30k the first shard
+    or two), then every other gallery image, block by block. Memory: the queries' features and a few
+    batches. ``writer`` receives every feature as it is made. Returns :class:`Scores`."""
+    options = LoaderOptions(decoder=opts.decoder, workers=opts.workers, storage_options=opts.storage_options)
+    spec = TransformSpec(height=height, width=width, train=False)
+
+    def batches(role: str, keys):
+        loader = EvalLoader(dst_url, "train" if split == "val" else role, opts.batch, spec, options, flip=opts.flip,
+                            keys=frozenset(keys))
+        return iter_features(network, loader, dev, flip=opts.flip, normalize=opts.normalize, dtype=dtype)
+
+    q = _collect(batches("query", roles["query"]), roles["query"], roles, split)
+    gkeys = roles["gallery"]
+    scorer = Scorer(q.feats, q.pids, q.camids, [roles["pid"][k] for k in gkeys], [roles["camid"][k] for k in gkeys],
+                    q.keys, gkeys, device=dev)
+    matched = [gkeys[i] for i in scorer.matched]
+    m = _collect(batches("gallery", matched), matched, roles, split)
+    scorer.add_matches(scorer.matched, m.feats)
+    for part in (q, m) if writer is not None else ():
+        writer.write(part.keys, part.pids, part.camids, part.feats)
+    index = {k: i for i, k in enumerate(gkeys)}
+    rest = set(gkeys).difference(matched)
+    done = 0
+    for feats, keys, _, _ in batches("gallery", rest):
+        rows = [index[k] for k in keys]
+        scorer.add(rows, feats)
+        if writer is not None:
+            writer.write(keys, [roles["pid"][k] for k in keys], [roles["camid"][k] for k in keys], feats)
+        done += len(keys)
+    if done != len(rest):
+        raise IncompleteSplit(f"{len(rest) - done} gallery image(s) of the {split} split could not be read (damaged "
+                              "or missing in the shards): a score without them would not be the split's")
+    return scorer.result()
+
+
+def _collect(batches, keys: list[str], roles: dict, split: str) -> FeatureSet:
+    """The features of exactly ``keys``, in that order, from ``batches`` of :func:`iter_features`, labelled
+    from the split manifest; an image that could not be embedded is an IncompleteSplit."""
+    got: dict[str, torch.Tensor] = {}
+    for feats, names, _, _ in batches:
+        got.update(zip(names, feats))
+    lost = [k for k in keys if k not in got]
+    if lost:
+        raise IncompleteSplit(f"{len(lost)} image(s) of the {split} split could not be read (damaged or missing in "
+                              f"the shards), e.g. {lost[0]}: a score without them would not be the split's")
+    dim = next(iter(got.values())).shape[0] if got else 0
+    return FeatureSet(list(keys), np.array([roles["pid"][k] for k in keys], np.int64),
+                      np.array([roles["camid"][k] for k in keys], np.int64),
+                      torch.stack([got[k] for k in keys]) if keys else torch.zeros(0, dim))
+
+
 def _feature_settings(checkpoint_sha1: str, dst: Storage, opts: EvalOptions, height: int, width: int,
-                      dtype: torch.dtype) -> str:
+                      dtype: torch.dtype, feature: str) -> str:
     """Everything that decides a split's features, as canonical JSON: the checkpoint's bytes, the dataset
     (its split manifest, and its shard list, which holds every tar's sha256), the split, the decoder and the
     extraction settings. Another DST, a re-split or a re-packed tree gives other settings."""
@@ -114,7 +202,8 @@ def _feature_settings(checkpoint_sha1: str, dst: Storage, opts: EvalOptions, hei
     return json.dumps({"checkpoint_sha1": checkpoint_sha1, "split_manifest": digest(manifests.relpath("split")),
                        "shards_manifest": digest(manifests.relpath("shards")), "split": opts.split,
                        "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
-                       "size": [height, width], "dtype": str(dtype)}, sort_keys=True)
+                       "size": [height, width], "dtype": str(dtype), "feature": feature},
+                      sort_keys=True)
 
 
 def _cached(out: Storage, rel: str, settings: str, roles: dict) -> FeatureSet | None:
@@ -165,16 +254,6 @@ def split_roles(dst: Storage, split: str, required: bool = True) -> dict | None:
     return out
 
 
-def _model(ckpt: dict, ckpt_path, dev: torch.device) -> torch.nn.Module:
-    """The checkpoint's network, in eval mode on ``dev``."""
-    try:
-        model = build_model(ckpt["config"]["model"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{ckpt_path} is not a sysu30k checkpoint (missing {exc})") from None
-    return model.to(dev).eval()
-
-
 def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict, dev: torch.device, batch: int = 128,
                   workers: int = 2, flip: bool = True, normalize: bool = True, height: int = 256, width: int = 128,
                   decoder: str = "auto", storage_options: dict | None = None,
@@ -183,19 +262,14 @@ def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict,
     in role order; images that cannot be read are left out with a warning."""
     options = LoaderOptions(decoder=decoder, workers=workers, storage_options=storage_options or {})
     spec = TransformSpec(height=height, width=width, train=False)
-    got: dict[str, torch.Tensor] = {}
+    parts = []
     for role in ("query", "gallery"):
         loader = EvalLoader(dst_url, "train" if split == "val" else role, batch, spec, options, flip=flip,
                             keys=frozenset(roles[role]))
-        feats, keys, _, _ = extract_features(model, loader, dev, flip=flip, normalize=normalize, dtype=dtype)
-        got.update(zip(keys, feats))
-    order = [k for k in roles["query"] + roles["gallery"] if k in got]
-    lost = [k for k in roles["query"] + roles["gallery"] if k not in got]
-    if lost:
-        raise IncompleteSplit(f"{len(lost)} image(s) of the {split} split could not be read (damaged or missing in the "
-                        f"shards), e.g. {lost[0]}: a score without them would not be the split's")
-    return FeatureSet(order, np.array([roles["pid"][k] for k in order], np.int64),
-                      np.array([roles["camid"][k] for k in order], np.int64), torch.stack([got[k] for k in order]))
+        parts.append(_collect(iter_features(model, loader, dev, flip=flip, normalize=normalize, dtype=dtype),
+                              roles[role], roles, split))
+    return FeatureSet(parts[0].keys + parts[1].keys, np.concatenate([p.pids for p in parts]),
+                      np.concatenate([p.camids for p in parts]), torch.cat([p.feats for p in parts]))
 
 
 def evaluate_split(model: torch.nn.Module, dst_url: str, split: str, device: torch.device, height: int = 256,

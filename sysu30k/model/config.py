@@ -11,6 +11,13 @@ from ..options import opt
 
 ARCHS = ("resnet50", "resnet18")
 HEADS = ("bnneck", "ssg")
+FEATURES = ("auto", "logits", "pool", "neck")   # what a network hands the evaluator (sysu30k.model.formats)
+FORMATS = {                                      # checkpoint files sysu30k reads, by the name metrics.json gives
+    "sysu30k": "a checkpoint of sysu30k train-weak or train-ssg",
+    "official": "the official SYSU-30k layout (a state dict of ft_net: model.* ResNet-50 keys and "
+                "classifier.classifier.0.*, with or without nn.DataParallel's module. prefix), e.g. net_6.pth",
+    "torchvision": "a torchvision ResNet-50 state dict (e.g. the ImageNet weights, an untrained baseline)",
+}
 
 
 @dataclass(frozen=True)

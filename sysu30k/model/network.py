@@ -72,6 +72,22 @@ class ReIDNet(nn.Module):
         return {"feat": pooled, "logits": self.classifier(emb),
                 "appearance": torch.flatten(nn.functional.adaptive_avg_pool2d(early, 1), 1)}
 
+    def feature(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """One feature for the evaluator (eval mode): ``neck`` (bnneck head: the BN-neck embedding), ``ssg``
+        (ssg head: its 6144-d test feature), ``pool`` (the pooled last stage, before any projection) or
+        ``logits`` (the classifier's output)."""
+        fmap = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        pooled = fmap.mean((2, 3))
+        if kind == "pool":
+            return pooled
+        if self.head == "ssg":
+            if kind == "logits":
+                return self.classifier(self.embed(pooled))
+            half = fmap.shape[2] // 2
+            return torch.cat([pooled, fmap[:, :, :half].mean((2, 3)), fmap[:, :, half:].mean((2, 3))], 1)
+        emb = self.neck(self.project(pooled))
+        return self.classifier(emb) if kind == "logits" else emb
+
     def _forward_ssg(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         fmap = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         half = fmap.shape[2] // 2
