@@ -84,3 +84,16 @@ def s3(tmp_path_factory):
         else:
             os.environ[k] = v
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def packed_split(tiny_tree, tmp_path_factory) -> Path:
+    """The tiny tree packed (7 images a shard) and split: read-only, shared by the evaluation tests."""
+    from sysu30k.ingest.config import ShardingOptions, ShardJob
+    from sysu30k.ingest.shard import run_shard
+    from sysu30k.split.build import build_splits
+
+    dst = tmp_path_factory.mktemp("evaldst") / "dst"
+    run_shard(str(tiny_tree), str(dst), ShardJob(ShardingOptions(shard_count=7)), show_progress=False)
+    build_splits(str(dst), scheduler="sync")
+    return dst

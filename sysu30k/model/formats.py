@@ -93,11 +93,16 @@ def _unprefixed(state: dict) -> dict:
 
 
 def _strict(net: nn.Module, state: dict, path, fmt: str) -> None:
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise UserError(f"{path} looks like {FORMATS[fmt]} but does not fit a ResNet-50 ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected key(s), e.g. {what})")
+    """Load ``state`` into ``net``, every key and shape matching, or one line saying what does not."""
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shaped:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                else f"{shaped[0]} is {tuple(state[shaped[0]].shape)}, not {tuple(own[shaped[0]].shape)}")
+        raise UserError(f"{path} is a {fmt} checkpoint that does not fit a ResNet-50: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(shaped)} misshapen key(s), e.g. {what}")
+    net.load_state_dict(state)
 
 
 def _resolve(fmt: str, feature: str, net: nn.Module) -> str:

@@ -184,18 +184,6 @@ def test_user_errors(feats, monkeypatch):
 
 # ----------------------------------------------------------------------------- checkpoint end to end
 
-@pytest.fixture(scope="module")
-def packed_split(tiny_tree, tmp_path_factory):
-    from sysu30k.ingest.config import ShardingOptions, ShardJob
-    from sysu30k.ingest.shard import run_shard
-    from sysu30k.split.build import build_splits
-
-    dst = tmp_path_factory.mktemp("evaldst") / "dst"
-    run_shard(str(tiny_tree), str(dst), ShardJob(ShardingOptions(shard_count=7)), show_progress=False)
-    build_splits(str(dst), scheduler="sync")
-    return dst
-
-
 def test_checkpoint_end_to_end(packed_split, tmp_path):
     from sysu30k.model.config import ModelConfig
     from sysu30k.model.network import build_model

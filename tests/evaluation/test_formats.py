@@ -1,0 +1,119 @@
+"""Checkpoint formats (sysu30k, the official SYSU-30k layout, torchvision ResNet-50), ``--feature``, and
+streamed extract-and-score giving the numbers of the in-memory path."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import cli
+
+from sysu30k.evaluation import read_features
+from sysu30k.io.compat import import_torchvision
+from sysu30k.model.formats import detect, load_network
+
+
+class _ClassBlock(torch.nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.classifier = torch.nn.Sequential(torch.nn.Linear(2048, classes))
+
+
+class _FtNet(torch.nn.Module):
+    """The official ft_net's module tree (model.py): what its state dict keys are made of."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.model = import_torchvision().models.resnet50(weights=None)
+        self.classifier = _ClassBlock(classes)
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("official") / "net_6.pth"
+    torch.save(torch.nn.DataParallel(_FtNet(40)).state_dict(), path)
+    return path
+
+
+def _eval(dst, ckpt, out, *extra):
+    p = cli("eval", dst, "--checkpoint", ckpt, "--out", out, "--workers", 0, "--batch", 8, "--device", "cpu",
+            "--json", *extra, quiet=False, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_detects_the_three_formats_and_refuses_others(official, tmp_path):
+    """Formats by their keys; the feature auto resolves per format; neck only where there is one; a foreign
+    file or a pickle is one line naming what is understood."""
+    state = torch.load(official, weights_only=True)
+    assert all(k.startswith("module.") for k in state) and "module.model.fc.weight" in state
+    assert detect(state) == "official"
+    assert detect({k[len("module."):]: v for k, v in state.items()}) == "official"        # saved without DataParallel
+    tv = import_torchvision().models.resnet50(weights=None).state_dict()
+    assert detect(tv) == "torchvision" and detect({"a": torch.zeros(1)}) is None
+    x = torch.randn(2, 3, 64, 32)
+    got = {}
+    for feature in ("auto", "logits", "pool"):
+        net = load_network(official, feature)
+        assert net.format == "official" and net.size == (256, 128)
+        with torch.no_grad():
+            got[net.feature] = net.network(x)
+    assert got["logits"].shape == (2, 40) and got["pool"].shape == (2, 2048)
+    ref = _FtNet(40)                                  # the same weights through the official forward
+    ref.load_state_dict({k[len("module."):]: v for k, v in state.items()})
+    ref.eval()
+    with torch.no_grad():
+        m = ref.model
+        pooled = torch.squeeze(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))))
+        np.testing.assert_allclose(got["pool"].numpy(), pooled.numpy(), atol=1e-5)
+        np.testing.assert_allclose(got["logits"].numpy(), ref.classifier.classifier(pooled).numpy(), atol=1e-5)
+    bad = {"foreign.pth": {"a": torch.zeros(1)}, "resnet18.pth": import_torchvision().models.resnet18().state_dict()}
+    for name, content in bad.items():
+        torch.save(content, tmp_path / name)
+    (tmp_path / "pickle.pth").write_bytes(__import__("pickle").dumps(object()))
+    needles = {"foreign.pth": "not a checkpoint sysu30k understands; it reads: sysu30k", "resnet18.pth": "does not fit",
+               "pickle.pth": "refused (checkpoints are loaded with weights_only=True"}
+    for name, needle in needles.items():
+        p = cli("eval", tmp_path, "--checkpoint", tmp_path / name, quiet=False, timeout=120)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+    p = cli("eval", tmp_path, "--checkpoint", official, "--feature", "neck", quiet=False, timeout=120)
+    assert p.returncode == 2 and "official checkpoint has no BN-neck" in p.stderr, p.stderr
+
+
+def test_streamed_scoring_equals_in_memory(packed_split, official, tmp_path):
+    """Over --memory-budget the gallery is scored as it is extracted: the same metrics and per-query table as
+    the in-memory path, no feature file unless --save-features, whose file holds the same features."""
+    small = ("--height", 64, "--width", 32)
+    mem = _eval(packed_split, official, tmp_path / "mem", *small)
+    assert mem["checkpoint_format"] == "official" and mem["feature"] == "logits" and mem["feature_dim"] == 40
+    assert mem["scoring"] == "in memory" and mem["decoder"] == "pil"
+    streamed = _eval(packed_split, official, tmp_path / "stream", *small, "--memory-budget", "1k")
+    assert streamed["scoring"] == "streamed" and streamed["metrics"] == mem["metrics"]
+    a, b = (pq.read_table(tmp_path / d / "per_query.parquet") for d in ("stream", "mem"))
+    assert a.drop_columns(["top_scores"]).equals(b.drop_columns(["top_scores"]))       # the batches differ: ulps
+    np.testing.assert_allclose(np.array(a["top_scores"].to_pylist()), np.array(b["top_scores"].to_pylist()), atol=1e-6)
+    assert not list((tmp_path / "stream").glob("features-*.parquet"))
+    saved = _eval(packed_split, official, tmp_path / "saved", *small, "--memory-budget", "1k", "--save-features")
+    assert saved["metrics"] == mem["metrics"]
+    a, b = (read_features(next((tmp_path / d).glob("features-test-*.parquet"))) for d in ("mem", "saved"))
+    order = {k: i for i, k in enumerate(b.keys)}
+    assert sorted(a.keys) == sorted(b.keys)
+    rows = torch.as_tensor([order[k] for k in a.keys])
+    np.testing.assert_allclose(a.feats.numpy(), b.feats[rows].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(a.pids, b.pids[rows.numpy()])
+    pool = _eval(packed_split, official, tmp_path / "pool", *small, "--feature", "pool")
+    assert pool["feature"] == "pool" and pool["feature_dim"] == 2048
+
+
+def test_torchvision_weights_are_a_baseline(packed_split, tmp_path):
+    """A plain torchvision ResNet-50 state dict evaluates on its pooled feature (auto) or the 1000 ImageNet
+    logits."""
+    torch.manual_seed(1)
+    path = tmp_path / "resnet50.pth"
+    torch.save(import_torchvision().models.resnet50(weights=None).state_dict(), path)
+    m = _eval(packed_split, path, tmp_path / "tv", "--height", 64, "--width", 32)
+    assert m["checkpoint_format"] == "torchvision" and m["feature"] == "pool" and m["feature_dim"] == 2048
+    m = _eval(packed_split, path, tmp_path / "tv-logits", "--height", 64, "--width", 32, "--feature", "logits")
+    assert m["feature_dim"] == 1000 and 0 <= m["metrics"]["rank1"] <= 1
