@@ -225,6 +225,8 @@ def eval_(dst: str | None, checkpoint: str | None, query_features: str | None, g
         metrics = run.evaluate_features(dst, query_features, gallery_features, out_dir, opts)
     else:
         raise UserError("nothing to evaluate: give --checkpoint, --query-features/--gallery-features or --compare")
+    if int(os.environ.get("RANK", "0")):
+        return                                   # under torchrun, rank 0 reports
     if as_json:
         click.echo(json.dumps(metrics, indent=1))
         return

@@ -18,7 +18,7 @@ import torch
 
 from .. import manifests
 from ..errors import UserError
-from ..io.device import resolve_device
+from ..io.device import distributed, resolve_device
 from ..io.storage import Storage
 from ..loader import EvalLoader, LoaderOptions, TransformSpec, resolve_decoder
 from ..model.formats import load_network
@@ -72,7 +72,10 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
         raise UserError(f"no checkpoint at {checkpoint}")
-    dev = resolve_device(opts.device)
+    rank, world, local_rank = distributed()
+    dev = resolve_device(opts.device, local_rank)
+    if world > 1 and opts.save_features:
+        raise UserError("--save-features under torchrun: each rank holds part of the gallery; save them in one process")
     loaded = load_network(ckpt_path, opts.feature)
     height, width = opts.height or loaded.size[0], opts.width or loaded.size[1]
     if loaded.format != "sysu30k" and opts.decoder == "auto":
@@ -93,7 +96,7 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
             "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
             "label": ckpt_path.stem}
     file_meta = {"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split, "settings": settings}
-    if need <= opts.memory_budget:
+    if need <= opts.memory_budget and world == 1:
         allf = _cached(out, cache_rel, settings, roles)
         if allf is None:
             allf = extract_split(network, dst_url, split, roles, dev, opts.batch, opts.workers, opts.flip,
@@ -102,14 +105,17 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
             log.info("features: wrote %s", out.path(cache_rel))
         q, g = by_role(allf, roles)
         return _score_and_write(q, g, out_dir, {**meta, "features": cache_rel, "scoring": "in memory"}, dst_url, opts)
-    log.info("features: %d images x %d-d need %.1f GB, over --memory-budget %.1f GB: the gallery is scored as it "
-             "is extracted", len(roles["query"]) + len(roles["gallery"]), dim, need / 1e9, opts.memory_budget / 1e9)
+    log.info("features: %d images x %d-d need %.1f GB (--memory-budget %.1f GB), %d process(es): the gallery is "
+             "scored as it is extracted", len(roles["query"]) + len(roles["gallery"]), dim, need / 1e9,
+             opts.memory_budget / 1e9, world)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writer = (stack.enter_context(FeatureWriter(cache_rel, out, file_meta)) if opts.save_features else None)
-        s = stream_split(network, dst_url, split, roles, dev, opts, height, width, dtype, writer)
+        s = stream_split(network, dst_url, split, roles, dev, opts, height, width, dtype, writer, (rank, world))
     meta = {**meta, "features": cache_rel if opts.save_features else None, "scoring": "streamed", "device": str(dev),
-            "chunk": None}
+            "chunk": None, "processes": world}
+    if rank:
+        return {"metrics": s.summary(), **meta}           # rank 0 writes the run folder
     metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=opts.show, worst=opts.worst,
                         storage_options=opts.storage_options)
     log.info("extracted and scored %d queries against %d gallery images in %.1f s", len(roles["query"]),
@@ -138,17 +144,22 @@ def _feature_dim(network: torch.nn.Module, height: int, width: int, dev: torch.d
 
 def stream_split(network: torch.nn.Module, dst_url: str, split: str, roles: dict, dev: torch.device,
                  opts: EvalOptions, height: int, width: int, dtype: torch.dtype = torch.float32,
-                 writer: FeatureWriter | None = None):
+                 writer: FeatureWriter | None = None, part: tuple[int, int] = (0, 1)):
     """Extract and score ``split`` without holding the gallery's features: the queries first, then the
     gallery images that are some query's true match (:attr:`Scorer.matched`; on SYSU-30k the first shard
     or two), then every other gallery image, block by block. Memory: the queries' features and a few
-    batches. ``writer`` receives every feature as it is made. Returns :class:`Scores`."""
+    batches. ``writer`` receives every feature as it is made. Returns :class:`Scores`.
+
+    ``part=(rank, world)`` under torchrun: every rank embeds the queries and the true matches (the
+    thresholds), rank r the r-th share of the other gallery shards; the states are then summed
+    (:meth:`Scorer.reduce`), with the numbers of one process."""
+    rank, world = part
     options = LoaderOptions(decoder=opts.decoder, workers=opts.workers, storage_options=opts.storage_options)
     spec = TransformSpec(height=height, width=width, train=False)
 
-    def batches(role: str, keys):
+    def batches(role: str, keys, share: tuple[int, int] = (0, 1)):
         loader = EvalLoader(dst_url, "train" if split == "val" else role, opts.batch, spec, options, flip=opts.flip,
-                            keys=frozenset(keys))
+                            keys=frozenset(keys), part=share)
         return iter_features(network, loader, dev, flip=opts.flip, normalize=opts.normalize, dtype=dtype)
 
     q = _collect(batches("query", roles["query"]), roles["query"], roles, split)
@@ -157,21 +168,20 @@ def stream_split(network: torch.nn.Module, dst_url: str, split: str, roles: dict
                     q.keys, gkeys, device=dev)
     matched = [gkeys[i] for i in scorer.matched]
     m = _collect(batches("gallery", matched), matched, roles, split)
-    scorer.add_matches(scorer.matched, m.feats)
-    for part in (q, m) if writer is not None else ():
-        writer.write(part.keys, part.pids, part.camids, part.feats)
+    scorer.add_matches(scorer.matched, m.feats, count=rank == 0)
+    for fs in (q, m) if writer is not None else ():
+        writer.write(fs.keys, fs.pids, fs.camids, fs.feats)
     index = {k: i for i, k in enumerate(gkeys)}
-    rest = set(gkeys).difference(matched)
-    done = 0
-    for feats, keys, _, _ in batches("gallery", rest):
-        rows = [index[k] for k in keys]
-        scorer.add(rows, feats)
+    for feats, keys, _, _ in batches("gallery", set(gkeys).difference(matched), (rank, world)):
+        scorer.add([index[k] for k in keys], feats)
         if writer is not None:
             writer.write(keys, [roles["pid"][k] for k in keys], [roles["camid"][k] for k in keys], feats)
-        done += len(keys)
-    if done != len(rest):
-        raise IncompleteSplit(f"{len(rest) - done} gallery image(s) of the {split} split could not be read (damaged "
-                              "or missing in the shards): a score without them would not be the split's")
+    scorer.reduce()
+    lost = np.flatnonzero(scorer.seen == 0)
+    if len(lost):
+        raise IncompleteSplit(f"{len(lost)} gallery image(s) of the {split} split could not be read (damaged or "
+                              f"missing in the shards), e.g. {gkeys[lost[0]]}: a score without them would not be "
+                              "the split's")
     return scorer.result()
 
 

@@ -211,9 +211,10 @@ class Scorer:
         junk_label = (gp == JUNK_PID)[None, :]
         return same & ~same_cam & ~junk_label, (same & same_cam) | junk_label
 
-    def add_matches(self, gidx, feats) -> None:
+    def add_matches(self, gidx, feats, count: bool = True) -> None:
         """The features of exactly the items :attr:`matched` names, before any other block: their
-        scores become each query's thresholds; then they are scored like any block."""
+        scores become each query's thresholds; then they are scored like any block (``count=False``: by
+        another process of the same job)."""
         gidx, f = self._block(gidx, feats)
         if self._ready and len(self.matched):
             raise ValueError("add_matches was already called")
@@ -231,7 +232,8 @@ class Scorer:
         self._thr = torch.as_tensor(thr, dtype=self._score_dtype(), device=self.device)
         self.counts = torch.zeros((len(self.qpid), j), dtype=torch.int64, device=self.device)
         self._ready = True
-        self._score(gidx, f)
+        if count:
+            self._score(gidx, f)
 
     def add(self, gidx, feats) -> None:
         """Score one block of gallery items (indices into the gallery labels, any order)."""

@@ -34,3 +34,17 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world, local rank), starting the process group when torchrun launched us (NCCL with GPUs,
+    gloo without)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))

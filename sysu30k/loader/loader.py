@@ -404,11 +404,13 @@ class EvalLoader:
 
     def __init__(self, dst_url: str, subset: str, batch_size: int = 128,
                  transform: TransformSpec = TransformSpec(train=False), options: LoaderOptions = LoaderOptions(),
-                 flip: bool = True, keys: frozenset[str] | None = None):
-        """``keys`` restricts the subset to those images (e.g. the val split's, carved from train)."""
+                 flip: bool = True, keys: frozenset[str] | None = None, part: tuple[int, int] = (0, 1)):
+        """``keys`` restricts the subset to those images (e.g. the val split's, carved from train);
+        ``part=(rank, world)`` to rank's share of whole shards (contiguous, balanced by image count)."""
         self.dst_url, self.batch_size, self.options, self.flip = dst_url, batch_size, options, flip
         self.transform = replace(transform, train=False)
-        self.catalog = load_catalog(Storage(dst_url, options.storage_options), subset, keys=keys)
+        catalog = load_catalog(Storage(dst_url, options.storage_options), subset, keys=keys)
+        self.catalog = [catalog[i] for i in assign_streams(catalog, part[1])[part[0]]]
         self.streams = assign_streams(self.catalog, max(1, options.workers))
 
     def __len__(self) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from ..io.device import resolve_device
+from ..io.device import distributed, resolve_device
 from ..io.progress import progress
 from ..model import checkpoint
 from .config import RunOptions
@@ -32,14 +31,6 @@ log = logging.getLogger("sysu30k")
 EXIT_ON_SIGTERM = 143
 
 LossFn = Callable[[Callable, object], dict]                   # (forward, batch on device) -> terms with "total"
-
-
-def distributed() -> tuple[int, int, int]:
-    """(rank, world, local rank), starting the process group when torchrun launched us."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def start_process(run: RunOptions) -> tuple[int, int, torch.device]:

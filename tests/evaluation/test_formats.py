@@ -2,12 +2,13 @@
 streamed extract-and-score giving the numbers of the in-memory path."""
 
 import json
+import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli
+from conftest import ENV, cli
 
 from sysu30k.evaluation import read_features
 from sysu30k.io.compat import import_torchvision
@@ -117,3 +118,24 @@ def test_torchvision_weights_are_a_baseline(packed_split, tmp_path):
     assert m["checkpoint_format"] == "torchvision" and m["feature"] == "pool" and m["feature_dim"] == 2048
     m = _eval(packed_split, path, tmp_path / "tv-logits", "--height", 64, "--width", 32, "--feature", "logits")
     assert m["feature_dim"] == 1000 and 0 <= m["metrics"]["rank1"] <= 1
+
+
+def test_torchrun_ranks_split_the_gallery_with_one_process_numbers(packed_split, official, tmp_path):
+    """Under torchrun (2 CPU ranks, gloo) each rank extracts its own gallery shards; the numbers and the
+    per-query table are those of one process."""
+    from ddp import torchrun_cli
+
+    args = ("eval", packed_split, "--checkpoint", official, "--workers", 0, "--batch", 4, "--device", "cpu",
+            "--height", 64, "--width", 32)
+    one = _eval(packed_split, official, tmp_path / "one", "--height", 64, "--width", 32, "--batch", 4,
+                "--memory-budget", "1k")
+    p = subprocess.run([*torchrun_cli(2), *map(str, args), "--out", str(tmp_path / "two")], capture_output=True,
+                       text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert two["processes"] == 2 and two["metrics"] == one["metrics"]
+    a, b = (pq.read_table(tmp_path / d / "per_query.parquet") for d in ("one", "two"))
+    assert a.drop_columns(["top_scores"]).equals(b.drop_columns(["top_scores"]))
+    p = subprocess.run([*torchrun_cli(2), *map(str, args), "--out", str(tmp_path / "three"), "--save-features"],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode != 0 and "--save-features under torchrun" in p.stderr
