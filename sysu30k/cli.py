@@ -234,6 +234,25 @@ def eval_(dst: str | None, checkpoint: str | None, query_features: str | None, g
     click.echo(f"wrote {out_dir}/ (metrics.json, per_query.parquet, cmc.png, ranked.png)")
 
 
+@cli.command("embed")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Any checkpoint eval reads: sysu30k's, the official net_6.pth, torchvision ResNet-50 weights.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="The feature Parquet file.")
+@cli_options(EvalOptions, only=("feature", "batch", "device", "height", "width", "flip", "normalize"))
+def embed(images: tuple[str, ...], checkpoint: str, out_file: str, **values) -> None:
+    """Features of your own images: IMAGES are folders, globs, image files or tar shards (webdataset).
+
+    The file (key, pid, camid, feature) opens in pandas or DuckDB and in eval --query-features/--gallery-features;
+    SYSU-30k test names (<id>_c<cam>_<k>.jpg) keep their labels, other images are keyed by their path.
+    """
+    from .evaluation.embed import embed_images
+
+    got = embed_images(list(images), checkpoint, out_file, build(EvalOptions, values))
+    click.echo(f"wrote {out_file}: {got['images']} images, {got['dim']}-d {got['feature']} features of a "
+               f"{got['format']} checkpoint ({'labelled from file names' if got['labelled'] else 'keys only'})")
+
+
 def _run_folder(f):
     """The run folder and the config file of a training command (the first options)."""
     f = click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE.toml",

@@ -139,3 +139,39 @@ def test_torchrun_ranks_split_the_gallery_with_one_process_numbers(packed_split,
     p = subprocess.run([*torchrun_cli(2), *map(str, args), "--out", str(tmp_path / "three"), "--save-features"],
                        capture_output=True, text=True, timeout=600, env=ENV)
     assert p.returncode != 0 and "--save-features under torchrun" in p.stderr
+
+
+def test_embed_folders_and_shards_score_like_eval(packed_split, tiny_tree, official, tmp_path):
+    """``embed`` of the extracted test folders (labels from the names) and of the gallery shards (keys only,
+    joined with the split) gives the features and the numbers of ``eval --checkpoint``."""
+    test = tiny_tree / "sysu_test_set_all"
+    small = ("--height", 64, "--width", 32, "--device", "cpu", "--batch", 5)
+    for name, inputs in (("q", [test / "query"]), ("g", [test / "gallery"]),
+                         ("gs", sorted((packed_split / "shards").glob("gallery-*.tar")))):
+        p = cli("embed", *inputs, "--checkpoint", official, "--out", tmp_path / f"{name}.parquet", *small,
+                quiet=False, timeout=600)
+        assert p.returncode == 0, p.stderr
+    assert "labelled from file names" in p.stdout or "keys only" in p.stdout
+    q, g, gs = (read_features(tmp_path / f"{n}.parquet") for n in ("q", "g", "gs"))
+    assert q.pids is not None and g.pids is not None and gs.pids is None
+    assert sorted(g.keys) == sorted(gs.keys)
+    mem = _eval(packed_split, official, tmp_path / "mem", *small[:4])
+    cached = read_features(next((tmp_path / "mem").glob("features-test-*.parquet")))
+    index = {k: i for i, k in enumerate(cached.keys)}
+    for fs in (q, g):
+        np.testing.assert_allclose(fs.feats.numpy(), cached.feats[torch.as_tensor([index[k] for k in fs.keys])].numpy(),
+                                   atol=1e-5)
+        np.testing.assert_array_equal(fs.pids, cached.pids[[index[k] for k in fs.keys]])
+    for gallery in ("g", "gs"):
+        p = cli("eval", packed_split, "--query-features", tmp_path / "q.parquet", "--gallery-features",
+                tmp_path / f"{gallery}.parquet", "--out", tmp_path / f"from-{gallery}", "--json", quiet=False,
+                timeout=300)
+        assert p.returncode == 0, p.stderr
+        got = json.loads(p.stdout)["metrics"]
+        assert all(abs(got[k] - mem["metrics"][k]) < 1e-9 for k in ("rank1", "rank5", "mAP_official", "mAP_standard"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"not a jpeg")
+    p = cli("embed", tmp_path / "bad", "--checkpoint", official, "--out", tmp_path / "bad.parquet", quiet=False)
+    assert p.returncode == 2 and "x: not a readable image" in p.stderr and not (tmp_path / "bad.parquet").exists()
+    p = cli("embed", tmp_path / "nothing-*.jpg", "--checkpoint", official, "--out", tmp_path / "n.parquet", quiet=False)
+    assert p.returncode == 2 and "no image files there" in p.stderr

@@ -1,0 +1,136 @@
+"""``sysu30k embed``: features of a user's own images with any checkpoint the evaluator reads.
+
+Inputs are folders (every image below them), globs, single images, or tar shards (webdataset layout:
+``KEY.jpg`` members, e.g. ``DST/shards/*.tar``). Images are decoded with Pillow, resized whole to the
+checkpoint's size (bicubic, as the official evaluator), then embedded as ``sysu30k eval`` does (flip
+sum, L2). Keys: a shard member's key; a file named like a SYSU-30k test image (``<id>_c<cam>_<k>.jpg``)
+gets its stem, as ``sysu30k shard`` names it, and its pid and camera, so the file scores with
+``eval --query-features/--gallery-features`` directly or joined with a split; any other file gets its
+path below the input folder (``a/b.jpg`` → ``a_b``) and no labels.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+from ..ingest.keys import make_key
+from ..ingest.layout import TEST_NAME
+from ..loader.decode_pil import decode
+from ..loader.loader import Batch
+from ..loader.transforms import TransformSpec
+from ..release.constants import DISTRACTOR_FOLDER, DISTRACTOR_PID
+from .config import EvalOptions
+from .features import FeatureWriter, iter_features
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _stem_key(path: str, rel: str) -> tuple[str, int, int]:
+    """(key, pid, camid) of an image file: SYSU-30k test names keep their stem and labels; others their
+    relative path, unlabelled (-1)."""
+    name = os.path.basename(path)
+    m = TEST_NAME.match(name)
+    if m:
+        pid = DISTRACTOR_PID if m["id"] == DISTRACTOR_FOLDER else int(m["id"])
+        return make_key((os.path.splitext(name)[0],), path), pid, int(m["cam"])
+    return make_key(tuple(os.path.splitext(rel)[0].split("/")), path), -1, -1
+
+
+def sources(inputs: list[str]) -> Iterator[tuple[str, bytes, int, int]]:
+    """(key, encoded image bytes, pid, camid) of every image the inputs name, in a stable order."""
+    import webdataset as wds
+
+    for spec in inputs:
+        if spec.endswith(".tar") and os.path.isfile(spec):
+            for sample in wds.WebDataset(spec, shardshuffle=False, empty_check=False):   # raw bytes: never decoded
+                data = next((sample[k] for k in ("jpg", "jpeg", "png") if k in sample), None)
+                if data is None:
+                    raise UserError(f"{spec}: member {sample['__key__']} has no jpg/png image")
+                yield sample["__key__"], data, -1, -1
+            continue
+        if os.path.isdir(spec):
+            root = spec
+            files = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            root = None
+            files = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
+            files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            raise UserError(f"{spec}: no image files there")
+        for f in files:
+            rel = os.path.relpath(f, root) if root else os.path.basename(f)
+            key, pid, cam = _stem_key(f, rel.replace(os.sep, "/"))
+            with open(f, "rb") as fh:
+                yield key, fh.read(), pid, cam
+
+
+def _batches(inputs: list[str], spec: TransformSpec, batch_size: int, flip: bool) -> Iterator[Batch]:
+    """Decoded, resized uint8 batches of the inputs (an image that does not decode is a UserError)."""
+    def emit(rows):
+        images = torch.from_numpy(np.stack([r[1] for r in rows])).permute(0, 3, 1, 2)
+        n = len(rows)
+        return Batch(images=images, keys=[r[0] for r in rows], valid=torch.ones(n, dtype=torch.bool),
+                     folder=torch.full((n,), -1), pid=torch.tensor([r[2] for r in rows]),
+                     camid=torch.tensor([r[3] for r in rows]), flipped=images.flip(3) if flip else None)
+
+    rows = []
+    for key, data, pid, cam in sources(inputs):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                jpeg = im.format == "JPEG"
+                arr = decode(data, spec) if jpeg else np.asarray(
+                    im.convert("RGB").resize((spec.width, spec.height), Image.Resampling.BICUBIC))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise UserError(f"{key}: not a readable image ({exc})") from None
+        rows.append((key, arr, pid, cam))
+        if len(rows) == batch_size:
+            yield emit(rows)
+            rows = []
+    if rows:
+        yield emit(rows)
+
+
+def embed_images(inputs: list[str], checkpoint: str, out: str, opts: EvalOptions = EvalOptions()) -> dict:
+    """Write the features of ``inputs`` to the Parquet file ``out`` (the ``features`` table) with the
+    extraction settings of ``opts`` (feature, batch, device, size, flip, normalize); returns
+    ``{"images", "dim", "format", "feature", "labelled"}``."""
+    from ..io.device import resolve_device
+    from ..model.formats import load_network
+
+    flip, normalize = opts.flip, opts.normalize
+    loaded = load_network(checkpoint, opts.feature)
+    dev = resolve_device(opts.device)
+    spec = TransformSpec(height=opts.height or loaded.size[0], width=opts.width or loaded.size[1], train=False)
+    network = loaded.network.to(dev)
+    seen: set[str] = set()
+    labelled: bool | None = None
+    dim = 0
+    meta = {"checkpoint": str(checkpoint), "checkpoint_format": loaded.format, "feature": loaded.feature,
+            "size": f"{spec.height}x{spec.width}", "flip": flip, "normalize": normalize}
+    with FeatureWriter(out, metadata=meta) as writer:
+        for feats, keys, pids, cams in iter_features(network, _batches(inputs, spec, opts.batch, flip), dev, flip,
+                                                     normalize):
+            dup = next((k for k in keys if k in seen), None) or (keys[0] if len(set(keys)) < len(keys) else None)
+            if dup is not None:
+                raise UserError(f"two images have the key {dup}: give inputs whose file names differ")
+            seen.update(keys)
+            known = pids != -1
+            if (known.any() and not known.all()) or labelled not in (None, bool(known.all())):
+                raise UserError("some images are named like SYSU-30k test images (<id>_c<cam>_<k>.jpg) and others "
+                                "are not: embed them into separate files")
+            labelled = bool(known.all())
+            writer.write(keys, pids if labelled else None, cams if labelled else None, feats)
+            dim = feats.shape[1]
+        if not seen:
+            raise UserError("no images in the inputs")
+    return {"images": len(seen), "dim": dim, "format": loaded.format, "feature": loaded.feature,
+            "labelled": bool(labelled)}
