@@ -195,12 +195,19 @@ class Scorer:
             raise UserError(f"query features are {self.q.shape[1]}-d but gallery features are {f.shape[1]}-d")
         if len(gidx) and (gidx.min() < 0 or gidx.max() >= self.num_gallery):
             raise ValueError(f"gallery index out of range 0..{self.num_gallery - 1}")
-        _finite(f, self.gkeys[gidx], "gallery features of a block")
         return gidx, f.to(self.device, dtype=self.q.dtype)
 
-    def _sims(self, f: torch.Tensor) -> torch.Tensor:
-        s = self.q @ f.T                                            # [Q, B]
-        return s if s.dtype == self._score_dtype() else s.to(self._score_dtype())
+    def _sims(self, f: torch.Tensor, gidx: np.ndarray) -> torch.Tensor:
+        """The block's scores [Q, B]; a gallery row with NaN or inf gives non-finite scores, so checking
+        the scores (Q × B values) finds it without a pass over the B × D features."""
+        s = self.q @ f.T
+        s = s if s.dtype == self._score_dtype() else s.to(self._score_dtype())
+        if len(self.qpid) and not bool(torch.isfinite(s).all()):
+            _finite(f, self.gkeys[gidx], "gallery features of a block")
+            first = int(torch.nonzero(~torch.isfinite(s).all(0))[0])
+            raise NonFiniteFeatures(f"the scores of gallery item {self.gkeys[gidx[first]]} overflow: the features "
+                                    "are not L2-normalised")
+        return s
 
     def _masks(self, gidx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(true match, junk) of every query and block item, [Q, B] bool."""
@@ -221,7 +228,7 @@ class Scorer:
         if not np.array_equal(np.sort(gidx), self.matched):
             raise ValueError("add_matches needs the features of exactly the gallery items Scorer.matched names")
         with torch.inference_mode():
-            sims = self._sims(f)
+            sims = self._sims(f, gidx)
             good, _ = self._masks(gidx)
         s = np.where(good.cpu().numpy(), sims.cpu().numpy().astype(np.float64), -np.inf)
         g = good.cpu().numpy()
@@ -233,7 +240,7 @@ class Scorer:
         self.counts = torch.zeros((len(self.qpid), j), dtype=torch.int64, device=self.device)
         self._ready = True
         if count:
-            self._score(gidx, f)
+            self._score(gidx, f, sims)
 
     def add(self, gidx, feats) -> None:
         """Score one block of gallery items (indices into the gallery labels, any order)."""
@@ -241,12 +248,12 @@ class Scorer:
             raise ValueError("add_matches (the items Scorer.matched names) must come before any other block")
         self._score(*self._block(gidx, feats))
 
-    def _score(self, gidx: np.ndarray, f: torch.Tensor) -> None:
+    def _score(self, gidx: np.ndarray, f: torch.Tensor, sims: torch.Tensor | None = None) -> None:
         np.add.at(self.seen, gidx, 1)
         if not len(gidx):
             return
         with torch.inference_mode():
-            sims = self._sims(f)
+            sims = self._sims(f, gidx) if sims is None else sims
             good, junk = self._masks(gidx)
             if self.counts.shape[1]:
                 neg = sims.masked_fill(good | junk, -torch.inf)
