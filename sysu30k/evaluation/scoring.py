@@ -169,6 +169,9 @@ class Scorer:
         self._qvalid = t(self.qpid != DISTRACTOR_PID)
         wanted = self.qpid[(self.qpid != DISTRACTOR_PID) & (self.qpid != JUNK_PID)]
         self.matched = np.flatnonzero(np.isin(self.gpid, wanted) & (self.gpid != JUNK_PID))
+        self._special = np.isin(self.gpid, wanted) | (self.gpid == JUNK_PID)    # some query's match or junk
+        self._good_score = np.zeros((nq, 0))
+        self._good_gidx = np.zeros((nq, 0), np.int64)
         self.n_good = np.zeros(nq, np.int64)
         self._thr = torch.zeros((nq, 0), dtype=self._score_dtype(), device=self.device)
         self.counts = torch.zeros((nq, 0), dtype=torch.int64, device=self.device)
@@ -234,8 +237,10 @@ class Scorer:
         g = good.cpu().numpy()
         self.n_good = g.sum(1).astype(np.int64)
         j = int(self.n_good.max(initial=0))
-        score, _, _ = _ranked(s, ~g, np.broadcast_to(gidx, s.shape), j)      # true matches first, in ranking order
-        thr = np.where(np.arange(j)[None, :] < self.n_good[:, None], score, np.inf)
+        score, _, at = _ranked(s, ~g, np.broadcast_to(gidx, s.shape), j)     # true matches first, in ranking order
+        present = np.arange(j)[None, :] < self.n_good[:, None]
+        thr = np.where(present, score, np.inf)
+        self._good_score, self._good_gidx = np.where(present, score, -np.inf), np.where(present, at, -1)
         self._thr = torch.as_tensor(thr, dtype=self._score_dtype(), device=self.device)
         self.counts = torch.zeros((len(self.qpid), j), dtype=torch.int64, device=self.device)
         self._ready = True
@@ -253,21 +258,24 @@ class Scorer:
         if not len(gidx):
             return
         with torch.inference_mode():
-            sims = self._sims(f, gidx) if sims is None else sims
-            good, junk = self._masks(gidx)
+            neg = self._sims(f, gidx) if sims is None else sims
+            sub = np.flatnonzero(self._special[gidx])        # the few columns that are some query's match or junk
+            if len(sub):
+                good, junk = self._masks(gidx[sub])
+                cols = torch.as_tensor(sub, device=self.device)
+                neg[:, cols] = neg[:, cols].masked_fill(good | junk, -torch.inf)     # negatives only, in place
             if self.counts.shape[1]:
-                neg = sims.masked_fill(good | junk, -torch.inf)
                 if self.counts.shape[1] <= DIRECT_MAX_GOOD:
                     self.counts += (neg[:, :, None] >= self._thr[:, None, :]).sum(1)
                 else:
                     ordered = torch.sort(neg, dim=1).values
                     self.counts += neg.shape[1] - torch.searchsorted(ordered, self._thr.contiguous())
             if self.top_k:
-                self._merge_top(sims.masked_fill(junk, -torch.inf), good, gidx)
+                self._merge_top(neg, torch.zeros_like(neg, dtype=torch.bool), gidx)
 
     def _merge_top(self, valid: torch.Tensor, good: torch.Tensor, gidx: np.ndarray) -> None:
-        """Merge the block's first ``top_k`` valid items (exactly, ties at the boundary included) into
-        each query's running top list."""
+        """Merge the block's first ``top_k`` negatives (exactly, ties at the boundary included) into each
+        query's running top list (the true matches join it in :meth:`result`)."""
         k = min(self.top_k, valid.shape[1])
         vals, pos = torch.topk(valid, k, dim=1)
         kth = vals[:, -1:]
@@ -325,9 +333,13 @@ class Scorer:
         cmc = np.zeros(self.max_rank)
         np.add.at(cmc, first[(first >= 0) & (first < self.max_rank)], 1)
         cmc = np.cumsum(cmc) / max(nq, 1)
-        keep = self.top_gidx >= 0
-        top_idx = [row[m] for row, m in zip(self.top_gidx, keep)]
-        top_val = [row[m] for row, m in zip(self.top_score, keep)]
+        top_score, _, top_gidx = _ranked(np.concatenate([self.top_score, self._good_score], 1),
+                                         np.concatenate([self.top_good, self._good_gidx >= 0], 1),
+                                         np.concatenate([self.top_gidx, self._good_gidx], 1), self.top_k)
+        top_gidx = np.where(np.isfinite(top_score), top_gidx, -1)
+        keep = top_gidx >= 0
+        top_idx = [row[m] for row, m in zip(top_gidx, keep)]
+        top_val = [row[m] for row, m in zip(top_score, keep)]
         per_query = _per_query_table(self.qkeys, self.qpid, self.qcam, first, self.n_good, ap_off, ap_std, top_idx,
                                      top_val, self.gkeys, self.gpid, self.gcam)
         return Scores(cmc=cmc, map_official=float(ap_off.sum() / max(nq, 1)),
