@@ -128,8 +128,6 @@ def main() -> None:
     if a.part == "official":
         gen = med["generate"]
         print(f"  (stream-generate)/(matmul-generate): {(med['stream'] - gen) / (med['matmul'] - gen):.3f}")
-        per_item = (med["stream"]) / a.gallery
-        print(f"  extrapolated to 479,730 gallery items: {per_item * 479_730 / 3600:.1f} h on this machine")
     else:
         print(f"  new/old: {med['new'] / med['old']:.3f}")
     print("  summary:", json.dumps(next(iter(sums.values()))))
