@@ -14,7 +14,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import InvalidStateError, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     """Terminate the pool's workers now (a shard in flight is dropped: its tar is a temporary file, and a
     rerun packs it again) and reap them. ``_processes`` is private, and the only handle on the workers
     before Python 3.14's ``terminate_workers``."""
+    _quiet_cancelled_future_race()
     workers = list((getattr(pool, "_processes", None) or {}).values())
     for p in workers:
         with contextlib.suppress(Exception):
@@ -138,6 +139,20 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+
+
+def _quiet_cancelled_future_race() -> None:
+    """From now on, do not print the InvalidStateError that Python 3.11's pool management thread can raise
+    when workers die while some futures are already cancelled (it sets BrokenProcessPool on every pending
+    future, cancelled ones included; later versions skip them). The run is stopping; every other thread
+    error still goes to the previous hook. Not restored: the thread may raise after the run has ended."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.exc_value, InvalidStateError):
+            previous(args)
+
+    threading.excepthook = hook
 
 
 class _Terminated(KeyboardInterrupt):
