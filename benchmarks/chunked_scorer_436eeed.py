@@ -1,6 +1,6 @@
 # ruff: noqa
 """The scorer as of commit 436eeed (``sysu30k/evaluation/scoring.py`` there), kept only as the named
-baseline of ``benchmarks/bench_streaming.py``; not used by the package. A verbatim copy, except for this
+baseline of ``benchmarks/bench_stream_scoring.py``; not used by the package. A verbatim copy, except for this
 paragraph and its relative imports made absolute. Its own docstring follows.
 
 The official SYSU-30k scoring protocol (SYSU30K.md §2.1), exact, in bounded memory.
