@@ -32,6 +32,7 @@ from .config import EvalOptions
 from .features import FeatureWriter, iter_features
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _stem_key(path: str, rel: str) -> tuple[str, int, int]:
@@ -85,10 +86,11 @@ def _batches(inputs: list[str], spec: TransformSpec, batch_size: int, flip: bool
     rows = []
     for key, data, pid, cam in sources(inputs):
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                jpeg = im.format == "JPEG"
-                arr = decode(data, spec) if jpeg else np.asarray(
-                    im.convert("RGB").resize((spec.width, spec.height), Image.Resampling.BICUBIC))
+            if data[:3] == JPEG_MAGIC:                 # the loaders' decoder, to the pixel
+                arr = decode(data, spec)
+            else:
+                with Image.open(io.BytesIO(data)) as im:
+                    arr = np.asarray(im.convert("RGB").resize((spec.width, spec.height), Image.Resampling.BICUBIC))
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise UserError(f"{key}: not a readable image ({exc})") from None
         rows.append((key, arr, pid, cam))

@@ -170,8 +170,9 @@ class Scorer:
         self._qpid, self._qcam, self._gpid, self._gcam = t(self.qpid), t(self.qcam), t(self.gpid), t(self.gcam)
         self._qvalid = t(self.qpid != DISTRACTOR_PID)
         wanted = self.qpid[(self.qpid != DISTRACTOR_PID) & (self.qpid != JUNK_PID)]
-        self.matched = np.flatnonzero(np.isin(self.gpid, wanted) & (self.gpid != JUNK_PID))
-        self._special = np.isin(self.gpid, wanted) | (self.gpid == JUNK_PID)    # some query's match or junk
+        same_pid = np.isin(self.gpid, wanted)
+        self.matched = np.flatnonzero(same_pid & (self.gpid != JUNK_PID))
+        self._special = same_pid | (self.gpid == JUNK_PID)        # some query's match or junk
         self._good_score = np.zeros((nq, 0))
         self._good_gidx = np.zeros((nq, 0), np.int64)
         self.n_good = np.zeros(nq, np.int64)
@@ -179,7 +180,6 @@ class Scorer:
         self.counts = torch.zeros((nq, 0), dtype=torch.int64, device=self.device)
         self.seen = np.zeros(ng, np.int32)
         self.top_score = np.full((nq, top_k), -np.inf)
-        self.top_good = np.zeros((nq, top_k), bool)
         self.top_gidx = np.full((nq, top_k), -1, np.int64)
         self._ready = len(self.matched) == 0
         self._t0 = time.perf_counter()
@@ -235,8 +235,8 @@ class Scorer:
         with torch.inference_mode():
             sims = self._sims(f, gidx)
             good, _ = self._masks(gidx)
-        s = np.where(good.cpu().numpy(), sims.cpu().numpy().astype(np.float64), -np.inf)
         g = good.cpu().numpy()
+        s = np.where(g, sims.cpu().numpy().astype(np.float64), -np.inf)
         self.n_good = g.sum(1).astype(np.int64)
         j = int(self.n_good.max(initial=0))
         score, _, at = _ranked(s, ~g, np.broadcast_to(gidx, s.shape), j)     # true matches first, in ranking order
@@ -273,28 +273,28 @@ class Scorer:
                     ordered = torch.sort(neg, dim=1).values
                     self.counts += neg.shape[1] - torch.searchsorted(ordered, self._thr.contiguous())
             if self.top_k:
-                self._merge_top(neg, torch.zeros_like(neg, dtype=torch.bool), gidx)
+                self._merge_top(neg, gidx)
 
-    def _merge_top(self, valid: torch.Tensor, good: torch.Tensor, gidx: np.ndarray) -> None:
+    def _merge_top(self, neg: torch.Tensor, gidx: np.ndarray) -> None:
         """Merge the block's first ``top_k`` negatives (exactly, ties at the boundary included) into each
-        query's running top list (the true matches join it in :meth:`result`)."""
-        k = min(self.top_k, valid.shape[1])
-        vals, pos = torch.topk(valid, k, dim=1)
+        query's running list of negatives (the true matches join it in :meth:`result`)."""
+        k = min(self.top_k, neg.shape[1])
+        vals, pos = torch.topk(neg, k, dim=1)
         kth = vals[:, -1:]
-        split_tie = torch.nonzero(((valid >= kth).sum(1) > k) & torch.isfinite(kth[:, 0])).flatten().tolist()
+        split_tie = torch.nonzero(((neg >= kth).sum(1) > k) & torch.isfinite(kth[:, 0])).flatten().tolist()
         score = vals.cpu().numpy().astype(np.float64)
-        is_good = good.gather(1, pos).cpu().numpy()
         idx = gidx[pos.cpu().numpy()]
         for r in split_tie:                      # rare: a tie crosses the k-th place, gather all of it
-            cols = torch.nonzero(valid[r] >= kth[r]).flatten()
-            s, g, i = _ranked(valid[r, cols].cpu().numpy().astype(np.float64)[None], good[r, cols].cpu().numpy()[None],
-                              gidx[cols.cpu().numpy()][None], k)
-            score[r], is_good[r], idx[r] = s[0], g[0], i[0]
-        score[idx < 0] = -np.inf
-        merged = _ranked(np.concatenate([self.top_score, score], 1), np.concatenate([self.top_good, is_good], 1),
-                         np.concatenate([self.top_gidx, idx], 1), self.top_k)
-        self.top_score, self.top_good, self.top_gidx = merged
-        self.top_gidx = np.where(np.isfinite(self.top_score), self.top_gidx, -1)
+            cols = torch.nonzero(neg[r] >= kth[r]).flatten()
+            row = neg[r, cols].cpu().numpy().astype(np.float64)[None]
+            sc, _, i = _ranked(row, np.zeros(row.shape, bool), gidx[cols.cpu().numpy()][None], k)
+            score[r], idx[r] = sc[0], i[0]
+        self._keep_top(np.concatenate([self.top_score, score], 1), np.concatenate([self.top_gidx, idx], 1))
+
+    def _keep_top(self, score: np.ndarray, gidx: np.ndarray) -> None:
+        """The first ``top_k`` of these negatives per query, in ranking order; -inf (masked) entries as -1."""
+        self.top_score, _, top_gidx = _ranked(score, np.zeros(score.shape, bool), gidx, self.top_k)
+        self.top_gidx = np.where(np.isfinite(self.top_score), top_gidx, -1)
 
     def reduce(self) -> None:
         """Sum the states of all ranks of a torch.distributed job (call on every rank; rank 0 then holds
@@ -309,12 +309,12 @@ class Scorer:
         dist.all_reduce(seen)
         self.counts, self.seen = counts.to(self.device), seen.cpu().numpy()
         parts = []
-        for a in (self.top_score, self.top_good.astype(np.int64), self.top_gidx):
+        for a in (self.top_score, self.top_gidx):
             t = torch.from_numpy(np.ascontiguousarray(a)).to(dev)
             got = [torch.empty_like(t) for _ in range(dist.get_world_size())]
             dist.all_gather(got, t)
             parts.append(np.concatenate([x.cpu().numpy() for x in got], 1))
-        self.top_score, self.top_good, self.top_gidx = _ranked(parts[0], parts[1].astype(bool), parts[2], self.top_k)
+        self._keep_top(*parts)
 
     def result(self) -> Scores:
         """The scores, once every gallery item was added exactly once."""
@@ -336,7 +336,7 @@ class Scorer:
         np.add.at(cmc, first[(first >= 0) & (first < self.max_rank)], 1)
         cmc = np.cumsum(cmc) / max(nq, 1)
         top_score, _, top_gidx = _ranked(np.concatenate([self.top_score, self._good_score], 1),
-                                         np.concatenate([self.top_good, self._good_gidx >= 0], 1),
+                                         np.concatenate([np.zeros(self.top_gidx.shape, bool), self._good_gidx >= 0], 1),
                                          np.concatenate([self.top_gidx, self._good_gidx], 1), self.top_k)
         top_gidx = np.where(np.isfinite(top_score), top_gidx, -1)
         keep = top_gidx >= 0

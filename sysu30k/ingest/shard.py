@@ -147,11 +147,14 @@ def _quiet_cancelled_future_race() -> None:
     future, cancelled ones included; later versions skip them). The run is stopping; every other thread
     error still goes to the previous hook. Not restored: the thread may raise after the run has ended."""
     previous = threading.excepthook
+    if getattr(previous, "quiets_cancelled_future_race", False):     # installed by an earlier stop
+        return
 
     def hook(args: threading.ExceptHookArgs) -> None:
         if not isinstance(args.exc_value, InvalidStateError):
             previous(args)
 
+    hook.quiets_cancelled_future_race = True
     threading.excepthook = hook
 
 

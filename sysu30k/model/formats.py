@@ -15,7 +15,7 @@ feature for a torchvision one, SSG's 6144-d test feature for an SSG checkpoint).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,6 @@ class Loaded:
     feature: str                      # the resolved --feature (never auto)
     network: FeatureNet
     size: tuple[int, int]             # (height, width) to extract at unless the user says otherwise
-    config: dict = field(default_factory=dict)     # a sysu30k checkpoint's run config, else empty
 
 
 def detect(state: dict) -> str | None:
@@ -123,7 +122,6 @@ def load_network(path: str | Path, feature: str = "auto") -> Loaded:
     if fmt is None:
         raise UserError(f"{path} is not a checkpoint sysu30k understands; it reads: "
                         + "; ".join(f"{k} ({v})" for k, v in FORMATS.items()))
-    config: dict = {}
     if fmt == "sysu30k":
         config = state["config"]
         try:
@@ -146,4 +144,4 @@ def load_network(path: str | Path, feature: str = "auto") -> Loaded:
         _strict(net, {f"backbone.{k}": v for k, v in _unprefixed(state).items()}, path, fmt)
         size = OFFICIAL_SIZE
     kind = _resolve(fmt, feature, net)
-    return Loaded(fmt, kind, FeatureNet(net, kind).eval(), (int(size[0]), int(size[1])), config)
+    return Loaded(fmt, kind, FeatureNet(net, kind).eval(), (int(size[0]), int(size[1])))
