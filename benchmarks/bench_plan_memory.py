@@ -213,6 +213,7 @@ def child_main(spec: dict) -> None:
     SynthListFS.meta_file = spec.get("meta_file")
     from sysu30k.ingest import plan as plan_mod
     from sysu30k.ingest.layout import subset_root
+    from sysu30k.ingest.source import Source
     from sysu30k.io.storage import Storage
     from sysu30k.release.constants import SUBSETS
 
@@ -228,7 +229,7 @@ def child_main(spec: dict) -> None:
     else:
         if spec["config"] == "baseline":
             plan_mod._ShardCutter = _list_cutter_class()
-        plan = plan_mod.make_plan(src, dst, SUBSETS, plan_mod.ShardingOptions(), settings={})
+        plan = plan_mod.make_plan(Source(src, []), dst, SUBSETS, plan_mod.ShardingOptions(), settings={})
         res = {"entries": sum(s["images"] for s in plan["subsets"].values()) + plan["layout_rejects"],
                "shards": sum(s["shards"] for s in plan["subsets"].values()),
                "layout_rejects": plan["layout_rejects"], "bags": plan["bags"]}

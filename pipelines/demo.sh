@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The embedded demo, end to end on the synthetic default, on 2 CPU cores in a few minutes:
-# synth -> shard -> split -> train-weak (the CPU recipe) -> eval, trained model next to an untrained one.
+# synth (packaged as the download) -> shard -> split -> train-weak (the CPU recipe) -> eval, trained model next to
+# an untrained one.
 # Usage: bash pipelines/demo.sh [OUT]   (default demo-out/; `make demo` runs it with the venv on PATH)
 set -euo pipefail
 OUT=${1:-demo-out}
 WORKERS=${WORKERS:-2}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
-# 1. A SYSU-30k-shaped tree: 100 folders x ~16 images (20% show a neighbour), 50 test ids, 200 distractors.
-[ -f "$OUT/raw/synth.json" ] || sysu30k synth "$OUT/raw" --folders 100 --images-per-folder 16 --test-ids 50 \
-  --distractors 200 --height 288 --seed 0 --workers "$WORKERS"
+# 1. A SYSU-30k-shaped dataset packaged as the download (train/…_partN.tar, test/…tar, lists at the root):
+#    100 folders x ~16 images (20% show a neighbour), 50 test ids, 200 distractors.
+[ -f "$OUT/download/synth.json" ] || sysu30k synth "$OUT/download" --folders 100 --images-per-folder 16 \
+  --test-ids 50 --distractors 200 --height 288 --seed 0 --release --parts 3 --workers "$WORKERS"
 
-# 2. Pack it as the release: long side 144 px, small shards so the loader has several per worker.
-sysu30k shard "$OUT/raw" "$OUT/data" --resize 144 --shard-size 2MB --workers "$WORKERS"
+# 2. Shard the download as it is, reading the tars: long side 144 px, small shards so the loader has several
+#    per worker.
+sysu30k shard "$OUT/download" "$OUT/data" --resize 144 --shard-size 2MB --workers "$WORKERS"
 
 # 3. The official-shaped test split, and a val split of 10 held-out folders (chooses the checkpoint).
 sysu30k split "$OUT/data" --val-folders 10 --val-block 5

@@ -60,19 +60,21 @@ def synth(out: str, workers: int, **values) -> None:
 @click.option("--overwrite", is_flag=True, help="Delete previous output in DST and start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def shard(src: str, dst: str, overwrite: bool, as_json: bool, **values) -> None:
-    """Pack the SYSU-30k tree SRC into WebDataset shards and Parquet manifests under DST.
+    """Pack SYSU-30k at SRC into WebDataset shards and Parquet manifests under DST.
 
-    SRC and DST are local paths or URLs such as s3://bucket/prefix. Resumable: rerun the same command
+    SRC is the release folder as downloaded (train/*_partN.tar, test/*.tar, the lists at its root; read
+    without extracting), the extracted tree, or a mix of both. SRC and DST are local paths or URLs such as
+    s3://bucket/prefix. Resumable: rerun the same command
     after an interruption and it continues from the completed shards, ending byte-identical to an
     uninterrupted run.
     """
-    from .ingest.shard import run_shard
+    from .ingest.shard import damage_line, run_shard
     from .io.retry import RetryPolicy
 
     run = build(ShardRun, values)
     summary = run_shard(src, dst, build(ShardJob, values), workers=run.workers, overwrite=overwrite,
                         storage_options=run.storage_options, scheduler=run.scheduler,
-                        retry=RetryPolicy(attempts=run.retries + 1))
+                        retry=RetryPolicy(attempts=run.retries + 1), strict=run.strict)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
@@ -82,6 +84,8 @@ def shard(src: str, dst: str, overwrite: bool, as_json: bool, **values) -> None:
     if summary["rejects_by_reason"]:
         click.echo("rejects: " + ", ".join(f"{k} {v}" for k, v in summary["rejects_by_reason"].items()))
     click.echo(f"bags: {summary['bags']} ({summary['bag_source']}); manifests in {dst}/manifests/")
+    if (line := damage_line(summary)) is not None:
+        click.echo(line)
 
 
 @cli.command()

@@ -69,3 +69,6 @@ class ShardRun:
                                                  "values allowed). S3 endpoint, region and keys come from the "
                                                  "standard AWS variables and config.")
     retries: int = opt(5, "Retries of a transient storage fault (backoff).", min=0)
+    strict: bool = opt(False, "A damaged archive (truncated or corrupt download) is an error; by default what it "
+                       "holds before the damage is packed and the images it lost are rejects.",
+                       flag="--strict/--no-strict")

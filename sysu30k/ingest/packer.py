@@ -8,12 +8,14 @@ whose marker names other planned rows) is packed again from scratch, with the sa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -29,6 +31,9 @@ from .plan import read_shard_rows, rows_digest, shard_name
 from .tarpack import ShardWriter
 
 READ_CHUNK = 128                     # source objects fetched per batch (concurrently on object stores)
+READ_BYTES = 64 << 20                # or this many bytes of archive windows, whichever comes first
+WINDOW_BYTES = 16 << 20              # one read of consecutive archive members: at most this long
+WINDOW_GAP = 256 << 10               # and it skips at most this much between two members
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,12 @@ def is_complete(dst: Storage, shard: str, plan_sha256: str) -> ShardStats | None
     return stats
 
 
-_READ_REASONS = {NotRegularFile: "not-a-file", TooLarge: "too-large"}     # by the read's exception; else unreadable
+class ArchiveTruncated(OSError):
+    """A member whose bytes the archive no longer holds (it shrank after it was indexed)."""
+
+
+# a failed read's reject reason, by its exception (any other: unreadable)
+_READ_REASONS = {NotRegularFile: "not-a-file", TooLarge: "too-large", ArchiveTruncated: "archive-truncated"}
 
 
 def start_worker() -> None:
@@ -89,21 +99,102 @@ def start_worker() -> None:
     tune_malloc()
 
 
-def _with_sources(src: Storage, paths: list[str]) -> Iterator[bytes | Exception]:
-    """The bytes of each source path (or the exception reading it ended with): local files read here,
-    one by one; objects fetched in batches, one batch ahead of the caller."""
-    chunks = [paths[i:i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
+class _Window(NamedTuple):
+    """One read of consecutive members of an archive: bytes ``start`` to ``end``, and each member's range."""
+
+    archive: str
+    start: int
+    end: int
+    members: list[tuple[int, int]]
+
+
+def _pieces(rows: pa.Table) -> Iterator[str | _Window]:
+    """The reads a shard's rows need, in row order: a path per extracted file, a window per run of members
+    that lie close together in one archive (gaps under WINDOW_GAP, windows up to WINDOW_BYTES)."""
+    window: _Window | None = None
+    for path, archive, offset, size in zip(*(rows[c].to_pylist() for c in ("path", "archive", "offset", "src_size"))):
+        if archive is None:
+            if window is not None:
+                yield window
+                window = None
+            yield path
+            continue
+        if (window is not None and window.archive == archive and window.end <= offset <= window.end + WINDOW_GAP
+                and offset + size - window.start <= WINDOW_BYTES):
+            window = window._replace(end=offset + size)
+            window.members.append((offset, size))
+            continue
+        if window is not None:
+            yield window
+        window = _Window(archive, offset, offset + size, [(offset, size)])
+    if window is not None:
+        yield window
+
+
+def _fetch(src: Storage, batch: list[str | _Window]) -> list[bytes | Exception]:
+    """The bytes of each member or file of ``batch`` (or the exception reading it ended with)."""
+    out: list[bytes | Exception] = []
+    paths = [p for p in batch if isinstance(p, str)]
+    files = iter(src.read_many(paths, MAX_SOURCE_BYTES) if paths else [])
+    windows = [w for w in batch if isinstance(w, _Window)]
+    by_archive: dict[str, list[_Window]] = {}
+    for w in windows:
+        by_archive.setdefault(w.archive, []).append(w)
+    got: dict[int, bytes | Exception] = {}
+    for archive, group in by_archive.items():
+        try:
+            data = src.read_ranges(archive, [w.start for w in group], [w.end for w in group])
+        except OSError as exc:
+            data = [exc] * len(group)
+        got.update((id(w), d) for w, d in zip(group, data))
+    for piece in batch:
+        if isinstance(piece, str):
+            out.append(next(files))
+            continue
+        data = got[id(piece)]
+        for offset, size in piece.members:
+            if isinstance(data, Exception):
+                out.append(data)
+            elif offset + size - piece.start > len(data):
+                out.append(ArchiveTruncated(errno.EIO, f"{piece.archive} ends before byte {offset + size}"))
+            else:
+                out.append(data[offset - piece.start:offset - piece.start + size])
+    return out
+
+
+def _batches(pieces: Iterator[str | _Window]) -> Iterator[list[str | _Window]]:
+    """Pieces grouped into reads of about READ_CHUNK files or READ_BYTES bytes."""
+    batch: list[str | _Window] = []
+    count = nbytes = 0
+    for piece in pieces:
+        batch.append(piece)
+        count += 1 if isinstance(piece, str) else len(piece.members)
+        nbytes += 0 if isinstance(piece, str) else piece.end - piece.start
+        if count >= READ_CHUNK or nbytes >= READ_BYTES:
+            yield batch
+            batch, count, nbytes = [], 0, 0
+    if batch:
+        yield batch
+
+
+def _with_sources(src: Storage, rows: pa.Table) -> Iterator[bytes | Exception]:
+    """The bytes of each planned row's source (or the exception reading it ended with): local files and
+    archive windows read here, in order; on an object store, fetched in batches one batch ahead."""
+    batches = _batches(_pieces(rows))
     if src.local:      # a reading thread would only trade the GIL back and forth with this one
-        for chunk in chunks:
-            yield from src.read_many(chunk, MAX_SOURCE_BYTES)
+        for batch in batches:
+            yield from _fetch(src, batch)
         return
     with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(src.read_many, chunks[0], MAX_SOURCE_BYTES) if chunks else None
-        for i in range(len(chunks)):
+        ahead = reader.submit(_fetch, src, next(batches, []))
+        while True:
+            batch = next(batches, None)
             data = ahead.result()
-            if i + 1 < len(chunks):
-                ahead = reader.submit(src.read_many, chunks[i + 1], MAX_SOURCE_BYTES)
+            if batch is not None:
+                ahead = reader.submit(_fetch, src, batch)
             yield from data
+            if batch is None:
+                return
 
 
 def pack_shard(task: ShardTask) -> ShardStats:
@@ -123,7 +214,7 @@ def pack_shard(task: ShardTask) -> ShardStats:
     rejects: list[dict] = []
     with dst.open_atomic(f"{SHARD_DIR}/{name}.tar") as f:
         writer = ShardWriter(f)
-        for i, data in enumerate(_with_sources(src, paths)):
+        for i, data in enumerate(_with_sources(src, plan)):
             try:
                 if isinstance(data, Exception):
                     raise Rejected(_READ_REASONS.get(type(data), "unreadable"), f"{type(data).__name__}: {data}")

@@ -25,12 +25,14 @@ from ..manifests import PLAN_DIR
 from ..release.bags import Bag, consecutive_bags, parse_bag_json
 from ..release.constants import BAG_LABEL_JSON
 from .config import ShardingOptions
-from .layout import LayoutReject, SourceImage, SubsetReport, train_folders, walk_subset
+from .layout import LayoutReject, SourceImage, SubsetReport, subset_root, train_folders, walk_subset
+from .source import Source
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 PLAN_SCHEMA = pa.schema([
     ("key", pa.string()), ("path", pa.string()), ("folder", pa.int32()), ("pid", pa.int32()),
     ("camid", pa.int8()), ("distractor", pa.bool_()), ("src_size", pa.int64()),
+    ("archive", pa.string()), ("offset", pa.int64()),      # where a member of an archive is read (else null)
 ])
 _BLOCK = 512
 _BATCH = 65_536   # rows buffered before they are handed to Arrow
@@ -46,8 +48,8 @@ def tar_bytes(size: int) -> int:
 
 
 def rows_digest(rows: pa.Table) -> str:
-    """sha256 of what a shard packs: its keys, source paths and source sizes, in order."""
-    content = [rows["key"].to_pylist(), rows["path"].to_pylist(), rows["src_size"].to_pylist()]
+    """sha256 of what a shard packs: its keys, source paths, sizes and archive offsets, in order."""
+    content = [rows[c].to_pylist() for c in ("key", "path", "src_size", "archive", "offset")]
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
@@ -70,7 +72,8 @@ class _ShardCutter:
         cost = tar_bytes(item.size)
         if self._count and (self._count >= self.opts.shard_count or self._bytes + cost > self.opts.shard_size):
             self._cut()
-        self._rows.append((item.key, item.path, item.folder, item.pid, item.camid, item.distractor, item.size))
+        self._rows.append((item.key, item.path, item.folder, item.pid, item.camid, item.distractor, item.size,
+                           item.archive, item.offset))
         self._count += 1
         self._bytes += cost
         if len(self._rows) >= _BATCH:
@@ -100,7 +103,7 @@ class _ShardCutter:
         return self.shard_sizes, self.digests
 
 
-def _bags(src: Storage) -> tuple[list[Bag], str]:
+def _bags(src: Source) -> tuple[list[Bag], str]:
     if src.exists(BAG_LABEL_JSON):
         if not src.is_regular_file(BAG_LABEL_JSON):
             raise UserError(f"{src.url}/{BAG_LABEL_JSON} is not a regular file (a FIFO, device or folder?)")
@@ -149,7 +152,7 @@ def load_run(dst: Storage) -> dict | None:
     return dst.read_json(rel, "pass --overwrite to start over")
 
 
-def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: ShardingOptions, settings: dict,
+def make_plan(src: Source, dst: Storage, subsets: tuple[str, ...], opts: ShardingOptions, settings: dict,
               on_item: Callable[[], None] = lambda: None, on_shard: OnShard = lambda *_: None) -> dict:
     """Walk SRC and write the plan under DST, calling ``on_shard`` as each shard's rows are written;
     returns the content of ``plan.json``."""
@@ -167,6 +170,7 @@ def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: Shardi
             else:
                 cutter.add(item)
         shards[subset] = cutter.close()
+    rejects += _duplicates(src, subsets)
     reject_schema = manifests.schema("rejects")
     dst.write_table(f"{PLAN_DIR}/rejects.parquet", pa.Table.from_pylist(
         [{f: getattr(r, f) for f in reject_schema.names} for r in rejects], schema=reject_schema))
@@ -180,9 +184,22 @@ def make_plan(src: Storage, dst: Storage, subsets: tuple[str, ...], opts: Shardi
                     for s, (sizes, digests) in shards.items()},
         "layout": {s: dataclasses.asdict(r) for s, r in reports.items()},
         "layout_rejects": len(rejects), "bags": len(bags), "bag_source": bag_source,
+        "archives": [{"path": i.path, "bytes": i.bytes, "members": i.members.num_rows,
+                      "damage": dataclasses.asdict(i.damage) if i.damage else None} for i in src.indexes],
     }
     dst.write_atomic(f"{PLAN_DIR}/plan.json", json.dumps(plan, indent=1).encode())
     return plan
+
+
+def _duplicates(src: Source, subsets: tuple[str, ...]) -> list[LayoutReject]:
+    """Rejects for the copies of an image that were not packed (in a second archive, or also extracted)."""
+    out = []
+    for path, (folder, detail) in sorted(src.duplicates.items()):
+        subset = next((s for s in subsets if folder == subset_root(s) or folder.startswith(subset_root(s) + "/")),
+                      None)
+        if subset is not None:
+            out.append(LayoutReject(subset, path, "duplicate", detail))
+    return out
 
 
 def load_plan(dst: Storage) -> dict | None:

@@ -68,6 +68,7 @@ def publish(dst: Storage, plan: dict, stats: list[ShardStats]) -> dict:
         } for subset, info in plan["subsets"].items()},
         "rejects_by_reason": dict(sorted(reasons.items())),
         "bags": bags.num_rows, "bag_source": plan["bag_source"], "layout": plan["layout"],
+        "archives": plan["archives"],
         "manifests": {t: manifests.relpath(t) for t in SHARD_TABLES},
     }
     dst.write_atomic(SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())

@@ -29,9 +29,11 @@ from ..io.storage import Storage
 from ..manifests import LOCK, PARTS_DIR, PLAN_DIR, SHARD_DIR, SUMMARY
 from .config import ShardJob, ShardRun
 from .layout import present_subsets
+from .members import ArchiveIndex, index_archive, load_index, save_index
 from .packer import ShardStats, ShardTask, is_complete, pack_shard, start_worker
 from .plan import load_plan, load_run, make_plan, planned_shards, run_record, shard_name, start_plan
 from .publish import load_summary, publish
+from .source import Source, find_archives
 from .verify import missing_or_resized
 
 log = logging.getLogger("sysu30k")
@@ -195,13 +197,43 @@ def _options_for(url: str, options: dict) -> dict:
     return {} if protocol in (None, "file", "local") else options
 
 
+def index_archives(src: Storage, dst: Storage, show_progress: bool = True) -> list[ArchiveIndex]:
+    """The member index of every archive of SRC: kept under DST by an earlier run, or made now (and kept)."""
+    archives = find_archives(src)
+    sizes = [src.size(a) for a in archives]
+    indexes: list[ArchiveIndex | None] = [load_index(dst, a, n) for a, n in zip(archives, sizes)]
+    todo = [i for i, index in enumerate(indexes) if index is None]
+    with progress(sum(sizes[i] for i in todo), "indexing archives", "B", show_progress and bool(todo)) as bar:
+        for i in todo:
+            indexes[i] = index_archive(src, archives[i], bar.update)
+            save_index(dst, indexes[i])
+    for index in indexes:
+        if index.damage is not None:
+            d = index.damage
+            log.warning("%s is damaged at byte %d: %s%s", index.path, d.offset, d.reason,
+                        f" (in member {d.member})" if d.member else "")
+    return indexes
+
+
+def damage_line(summary: dict) -> str | None:
+    """One line on the damaged archives of a run and what they cost, or None when none is damaged."""
+    damaged = [a for a in summary.get("archives", []) if a["damage"]]
+    if not damaged:
+        return None
+    lost = summary["rejects_by_reason"].get("archive-truncated", 0)
+    where = ", ".join(f"{a['path']} at byte {a['damage']['offset']}" for a in damaged)
+    return f"damaged archive(s): {where}; {lost} image(s) rejected as archive-truncated (a complete download " \
+           "packs them)"
+
+
 def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: int = ShardRun.workers,
               overwrite: bool = False, show_progress: bool = True, storage_options: dict | None = None,
-              scheduler: str | None = None, retry: RetryPolicy = RetryPolicy()) -> dict:
+              scheduler: str | None = None, retry: RetryPolicy = RetryPolicy(), strict: bool = ShardRun.strict) -> dict:
     """Pack SRC into shards and manifests under DST; resumes a previous run. Returns the summary.
 
-    SRC and DST are local paths or fsspec URLs; ``storage_options`` go to the remote ones. Shards are
-    packed by ``workers`` local processes, or by the Dask cluster at ``scheduler`` when given.
+    SRC (the extracted tree, the release folder as downloaded, or a mix) and DST are local paths or fsspec
+    URLs; ``storage_options`` go to the remote ones. Shards are packed by ``workers`` local processes, or by
+    the Dask cluster at ``scheduler`` when given. ``strict``: a damaged archive is an error.
     """
     job.check()
     src_options = _options_for(src_url, storage_options or {})
@@ -211,7 +243,6 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
         if overwrite:
             for d in OUTPUT_DIRS:
                 dst.remove(d)
-        subsets = present_subsets(src, job.subsets)
         settings = job.settings()
         plan = load_plan(dst)
         recorded = plan or load_run(dst)         # a complete plan, or one an interrupted run started
@@ -229,6 +260,14 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
             return summary
         for d in OUTPUT_DIRS:                 # what a killed run left behind, before any worker writes again
             dst.remove_temporaries(d)
+        if plan is None:
+            indexes = index_archives(src, dst, show_progress)
+            if strict and (damaged := [i for i in indexes if i.damage is not None]):
+                d = damaged[0].damage
+                raise UserError(f"{damaged[0].path} is damaged at byte {d.offset}: {d.reason} (--strict); "
+                                "download it again, or drop --strict to pack what it holds")
+            source = Source(src, indexes)
+            subsets = present_subsets(source, job.subsets)
         finished: dict[str, ShardStats] = {}
         with _runner(workers, scheduler) as runner:
             def dispatch(subset: str, index: int, digest: str) -> None:
@@ -243,9 +282,12 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
             if plan is None:
                 start_plan(dst, src.url, settings)
                 with progress(None, "planning", "file", show_progress) as bar:
-                    plan = make_plan(src, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),
+                    plan = make_plan(source, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),
                                      on_shard=dispatch)
             else:
+                if strict and (damaged := [a for a in plan["archives"] if a["damage"]]):
+                    raise UserError(f"{damaged[0]['path']} is damaged at byte {damaged[0]['damage']['offset']} "
+                                    "(--strict); download it again, or drop --strict to pack what it holds")
                 for shard in planned_shards(plan):
                     dispatch(*shard)
             shards = [shard_name(subset, i) for subset, i, _ in planned_shards(plan)]

@@ -46,13 +46,18 @@ class StorageError(UserError):
 
 class Entry(NamedTuple):
     """A directory entry: its name (last path component), whether it is a folder, its size in bytes, and
-    why it cannot be read as a file or folder (None when it can). A named tuple: planning makes one per
-    input file, and a frozen dataclass costs 8x more to build."""
+    why it cannot be read as a file or folder (None when it can; ``detail`` may say more). An entry that is
+    a member of a tar archive names the archive, the member and the offset of its data. A named tuple:
+    planning makes one per input file, and a frozen dataclass costs 8x more to build."""
 
     name: str
     is_dir: bool
     size: int
     problem: str | None = None
+    detail: str | None = None
+    archive: str | None = None
+    member: str | None = None
+    offset: int | None = None
 
 
 class NotRegularFile(OSError):
@@ -208,6 +213,22 @@ class Storage:
         out = [got.get(p, FileNotFoundError(p)) for p in paths]
         return [TooLarge(errno.EFBIG, f"{len(d)} bytes, over the {limit}-byte bound", p)
                 if limit is not None and isinstance(d, bytes) and len(d) > limit else d for p, d in zip(paths, out)]
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of ``rel`` (fewer where the file ends first): one pread, or one ranged GET."""
+        return self.read_ranges(rel, [start], [end])[0]
+
+    def read_ranges(self, rel: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """Byte ranges of one file: local preads on one descriptor, or ranged GETs that run concurrently."""
+        if self.local:
+            fd = os.open(self.path(rel), os.O_RDONLY)
+            try:
+                return [os.pread(fd, e - s, s) for s, e in zip(starts, ends)]
+            finally:
+                os.close(fd)
+        path = self.path(rel)
+        return self._call("read", rel, lambda: self.fs.cat_ranges([path] * len(starts), starts, ends,
+                                                                            on_error="raise"))
 
     def read_table(self, rel: str, **kwargs) -> pa.Table:
         """The Parquet table at ``rel`` (a UserError naming it when it is damaged)."""

@@ -9,6 +9,7 @@ QUERY_DIR = "query"
 GALLERY_DIR = "gallery"
 META_DIR = "meta"                          # meta/{train,query,gallery}.txt: paths relative to each subset root
 BAG_LABEL_JSON = "bag_level_label.json"   # optional; bags follow the consecutive-folder rule without it
+ARCHIVE_SEP = "::"                         # the source path of an image read from a tar: ARCHIVE::MEMBER
 
 TRAIN_FOLDER_DIGITS = 10
 TEST_ID_DIGITS = 9

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
 from ..options import check, opt
 
 HEIGHTS = (144, 288)
+RELEASE_PARTS = 3   # training archives of --release unless --parts says otherwise
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,21 @@ class SynthConfig:
     bag_json: bool = opt(True, "Write bag_level_label.json (without it, bags follow the folder rule).",
                          flag="--bag-json/--no-bag-json")
     quality: int = opt(90, "JPEG quality of the written images.", min=1, max=100)
+    release: bool = opt(False, "Write the release packaging as downloaded: train/…_partN.tar, test/…tar, lists at "
+                        "the root.")
+    parts: int | None = opt(None, "Training archives of --release.", min=1, default_note=str(RELEASE_PARTS))
 
     def __post_init__(self) -> None:
-        """Reject settings that cannot describe a dataset (the declared ranges and choices)."""
+        """Reject settings that cannot describe a dataset (the declared ranges and choices), and --parts without
+        --release, which would otherwise be ignored."""
         check(self)
+        if self.parts is not None and not self.release:
+            raise UserError("--parts needs --release (it sets how many training archives the release has)")
+        if self.release and self.release_parts > self.folders:
+            raise UserError(f"--release with {self.release_parts} parts (--parts) needs at least as many --folders, "
+                            f"not {self.folders}")
+
+    @property
+    def release_parts(self) -> int:
+        """The number of training archives --release writes."""
+        return RELEASE_PARTS if self.parts is None else self.parts

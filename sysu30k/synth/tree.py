@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -50,8 +51,9 @@ _DISTRACTOR_CHUNK = 128  # distractors per task
 
 @dataclass(frozen=True)
 class SynthSummary:
-    """What was written: images per subset (gallery_images includes the distractors), the bytes of the tree
-    the pipeline reads (images, meta lists, bag json; not truth.csv or synth.json) and the wall time."""
+    """What was written: images per subset (gallery_images includes the distractors), the bytes the pipeline
+    reads (images or, for a release, archives; meta lists, bag json; not truth.csv or synth.json) and the wall
+    time."""
 
     root: str
     train_images: int
@@ -210,12 +212,8 @@ def _lines(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in sorted(lines))
 
 
-def write_synth(out: str, cfg: SynthConfig, workers: int = 1, progress: bool = False) -> SynthSummary:
-    """Write the synthetic SYSU-30k tree, meta lists, bag json, truth.csv and synth.json under ``out``."""
-    start = time.perf_counter()
-    if workers < 1:
-        raise UserError(f"workers must be at least 1, not {workers}")
-    _prepare_out(out)
+def _render(out: str, cfg: SynthConfig, workers: int, progress: bool) -> dict[str, int]:
+    """Write the images, meta lists, bag json and truth.csv under ``out``; returns the counts of synth.json."""
     tasks = _tasks(cfg)
     results: list[_Written | None] = [None] * len(tasks)
     with tqdm(total=sum(_images(t) for t in tasks), unit="img", desc="synth", disable=not progress) as bar:
@@ -249,9 +247,32 @@ def write_synth(out: str, cfg: SynthConfig, workers: int = 1, progress: bool = F
     writer.writerow(("path", "true_id", "folder_id"))
     writer.writerows(sorted(done.truth))
     _write_text(os.path.join(out, TRUTH_CSV), buf.getvalue())
-    counts = {"train_images": len(done.train), "query_images": len(done.query),
-              "gallery_images": len(done.gallery), "distractors": cfg.distractors, "folders": cfg.folders,
-              "bytes": done.nbytes}
+    return {"train_images": len(done.train), "query_images": len(done.query), "gallery_images": len(done.gallery),
+            "distractors": cfg.distractors, "folders": cfg.folders, "bytes": done.nbytes}
+
+
+def _render_release(out: str, cfg: SynthConfig, workers: int, progress: bool) -> dict[str, int]:
+    """Render the tree into a temporary folder inside ``out``, package it there as the download and remove the
+    tree; returns the counts, with the bytes of the release."""
+    from .release import package_release  # release.py imports this module's names
+
+    tree = os.path.join(out, f".tree-{os.getpid()}")
+    try:
+        counts = _render(tree, cfg, workers, progress)
+        counts["bytes"] = package_release(tree, out, parts=cfg.release_parts).bytes
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    return counts
+
+
+def write_synth(out: str, cfg: SynthConfig, workers: int = 1, progress: bool = False) -> SynthSummary:
+    """Write the synthetic SYSU-30k tree, meta lists, bag json, truth.csv and synth.json under ``out``; with
+    ``cfg.release``, the same data in the packaging of the download instead of the extracted tree."""
+    start = time.perf_counter()
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, not {workers}")
+    _prepare_out(out)
+    counts = (_render_release if cfg.release else _render)(out, cfg, workers, progress)
     _write_text(os.path.join(out, SYNTH_JSON),
                 json.dumps({"config": asdict(cfg), "counts": counts}, indent=2, sort_keys=True) + "\n")
     return SynthSummary(root=os.path.abspath(out), seconds=time.perf_counter() - start, **counts)

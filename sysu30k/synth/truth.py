@@ -1,5 +1,5 @@
 """The true identity of each packed training image of a synthetic dataset: ``truth.csv`` joined on the
-image manifest by source path. Only benchmarks and clustering diagnostics read it, never training."""
+image manifest by source path (the extracted tree's, also for images packed from the release's archives). Only benchmarks and clustering diagnostics read it, never training."""
 
 from __future__ import annotations
 
@@ -9,13 +9,24 @@ import io
 from .. import manifests
 from ..errors import UserError
 from ..io.storage import Storage
+from ..release.constants import ARCHIVE_SEP, TRAIN_DIR
+
+
+def _tree_path(path: str) -> str:
+    """The path truth.csv names an image by: a member of an archive (ARCHIVE::[prefix]sysu_train_set_all/…)
+    is named by its path in the extracted tree."""
+    if ARCHIVE_SEP not in path:
+        return path
+    member = path.split(ARCHIVE_SEP, 1)[1]
+    at = member.find(f"{TRAIN_DIR}/")
+    return member[at:] if at >= 0 else member
 
 
 def read_truth(truth_csv: str, dst_url: str, storage_options: dict | None = None) -> dict[str, tuple[int, int]]:
     """{sample key: (true identity, folder id)} for every training image of DST listed in ``truth_csv``."""
     dst = Storage(dst_url, storage_options or {})
     rows = dst.read_table(manifests.relpath("images"), columns=["key", "path"], filters=[("subset", "=", "train")])
-    key_of = dict(zip(rows["path"].to_pylist(), rows["key"].to_pylist()))
+    key_of = {_tree_path(p): k for p, k in zip(rows["path"].to_pylist(), rows["key"].to_pylist())}
     try:
         with open(truth_csv, newline="") as f:
             text = f.read()

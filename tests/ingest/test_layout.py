@@ -7,6 +7,7 @@ import imagefiles as f
 import pytest
 
 from sysu30k.errors import UserError
+from sysu30k.ingest.source import Source
 from sysu30k.ingest.layout import LayoutReject, SourceImage, SubsetReport, _stem, present_subsets, walk_subset
 from sysu30k.io.storage import Storage
 
@@ -19,7 +20,7 @@ def put(root: Path, rel: str, data: bytes = b"") -> None:
 
 def walk(root: Path, subset: str):
     report = SubsetReport()
-    items = list(walk_subset(Storage(str(root)), subset, report))
+    items = list(walk_subset(Source(Storage(str(root)), []), subset, report))
     return ([i for i in items if isinstance(i, SourceImage)], [i for i in items if isinstance(i, LayoutReject)],
             report)
 
@@ -73,9 +74,9 @@ def test_bad_training_folders_are_rejected_not_dropped(tmp_path):
 
 def test_missing_tree_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="none of"):
-        present_subsets(Storage(str(tmp_path)))
+        present_subsets(Source(Storage(str(tmp_path)), []))
     with pytest.raises(UserError, match="not a folder"):
-        present_subsets(Storage(str(tmp_path / "nope")))
+        present_subsets(Source(Storage(str(tmp_path / "nope")), []))
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "a.b.jpg", ".jpg", "..jpg", "...a.jpg", "a", "a.", ".a.b", "x..jpg",

@@ -1,0 +1,224 @@
+"""SRC as the layout walk sees it: the extracted tree, the release's tar parts, or both at once.
+
+The download keeps its images in ``train/*_partN.tar`` and ``test/*.tar``. Their members are indexed once
+(:mod:`.members`) and laid over the extracted files as one tree, so planning walks the same folders in the
+same order either way and the shards come out byte for byte the same. A member's path inside its archive
+starts with a prefix that is detected per archive (``sysu_train_set_all/…``, ``./…``, one extra top
+folder, or nothing in front of the folders when the archive's name says what it holds). A file that is both
+extracted and in an archive, or in two archives, is packed once; the other copies are rejects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import UserError
+from ..io.storage import Entry, Storage
+from ..release.constants import ARCHIVE_SEP, TEST_DIR, TRAIN_DIR
+from .members import BAD_NAME, DIR, FILE, ArchiveIndex, Damage
+
+ARCHIVE_FOLDERS = ("", "train", "test")      # where the download keeps its archives (relative to SRC)
+_ROOTS = (TRAIN_DIR, TEST_DIR)
+_PREFIX = re.compile(r"^(?P<pre>(?:\./)*(?:[^/]+/)?)(?:" + "|".join(map(re.escape, _ROOTS)) + ")/")
+_DAMAGED = 9                                 # row kind of the member a damage cuts (beyond the index's kinds)
+
+
+def find_archives(src: Storage) -> list[str]:
+    """The ``.tar`` files at SRC's root, in ``train/`` and in ``test/``, in natural order (part2 < part10)."""
+    if not src.isdir(""):
+        raise UserError(f"source {src.url} is not a folder")
+    found = []
+    for folder in ARCHIVE_FOLDERS:
+        if folder and not src.isdir(folder):
+            continue
+        for e in src.listdir(folder):
+            if not e.is_dir and e.problem is None and e.name.lower().endswith(".tar"):
+                found.append(f"{folder}/{e.name}" if folder else e.name)
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+
+
+def archive_path(archive: str, member: str) -> str:
+    """The ``path`` column of an image packed from ``member`` of ``archive``."""
+    return f"{archive}{ARCHIVE_SEP}{member}"
+
+
+def _implied_root(archive: str) -> str | None:
+    """The subset root an archive holds by its name, for members stored without it (``0000000001/…``)."""
+    name = archive.rsplit("/", 1)[-1].lower()
+    return TRAIN_DIR if "train" in name else TEST_DIR if "test" in name else None
+
+
+def logical_paths(archive: str, names: pa.Array, kinds: pa.Array) -> pa.Array:
+    """Where each member of ``archive`` sits in the extracted tree: its name less the archive's prefix, the
+    one most of its files start with."""
+    files = names.filter(pc.equal(kinds, FILE))
+    bare = pc.replace_substring_regex(names, r"^(?:\./)+", "")
+    if len(files) == 0:
+        return bare
+    found = pc.struct_field(pc.extract_regex(files, _PREFIX.pattern), "pre").drop_null()
+    if len(found):
+        counts = pc.value_counts(found)
+        prefix = counts.field("values")[int(np.argmax(counts.field("counts").to_numpy()))].as_py()
+        return pc.if_else(pc.starts_with(names, prefix), pc.replace_substring_regex(names, "^" + re.escape(prefix), ""),
+                          bare)
+    root = _implied_root(archive)
+    if root is None:
+        raise UserError(f"cannot tell where the members of {archive} belong: none is under "
+                        f"{TRAIN_DIR}/ or {TEST_DIR}/ (the first is {files[0].as_py()!r})")
+    return pc.binary_join_element_wise(root + "/", bare, "")
+
+
+def _with_damaged(index: ArchiveIndex) -> pa.Table:
+    """The members of ``index``, and the member its damage cuts (kind _DAMAGED) when there is one."""
+    members = index.members
+    if index.damage is None or index.damage.member is None:
+        return members
+    cut = pa.table({"name": [index.damage.member], "offset": pa.array([index.damage.offset], pa.int64()),
+                    "size": pa.array([0], pa.int64()), "kind": pa.array([_DAMAGED], pa.int8())})
+    return pa.concat_tables([members, cut.cast(members.schema)])
+
+
+def _role(index: ArchiveIndex, paths: pa.Array) -> set[str]:
+    """The subset roots an archive holds (by its members, else by its name; both when neither tells)."""
+    roots = {r for r in _ROOTS if pc.any(pc.starts_with(paths, r + "/")).as_py()} if len(paths) else set()
+    implied = _implied_root(index.path)
+    return roots or ({implied} if implied else set(_ROOTS))
+
+
+class Source:
+    """The storage at SRC with the members of its archives laid over its extracted files, read-only.
+
+    Offers what planning needs of a tree (``listdir``, ``listdir_many``, ``isdir`` and reads of the files at
+    the root); :attr:`duplicates` collects the copies that are not packed, as they are listed."""
+
+    def __init__(self, storage: Storage, indexes: list[ArchiveIndex]):
+        self.storage, self.indexes = storage, indexes
+        self.url, self.local = storage.url, storage.local
+        self.duplicates: dict[str, tuple[str, str]] = {}     # path of a copy not packed -> (its folder, why)
+        self._ranges: dict[str, tuple[int, int]] = {}
+        self._children: dict[str, set[str]] = {}
+        self._damage: dict[str, list[tuple[str, Damage]]] = {}
+        self._rows = self._lay_out(indexes) if indexes else None
+        self._real_roots = {r for r in _ROOTS if storage.isdir(r)} if indexes else set(_ROOTS)
+
+    def _lay_out(self, indexes: list[ArchiveIndex]) -> pa.Table:
+        """One table of every member (and every damaged one) grouped by folder, in archive order within it."""
+        tables = []
+        for i, index in enumerate(indexes):
+            members = _with_damaged(index)
+            names, kinds = members["name"].combine_chunks(), members["kind"].combine_chunks()
+            paths = logical_paths(index.path, names, kinds)
+            if index.damage is not None:
+                for root in _role(index, paths):
+                    self._damage.setdefault(root, []).append((index.path, index.damage))
+            parts = pc.extract_regex(paths, r"^(?:(?P<dir>.*)/)?(?P<base>[^/]+)$")
+            tables.append(pa.table({
+                "dir": pc.fill_null(pc.struct_field(parts, "dir"), ""), "base": pc.struct_field(parts, "base"),
+                "member": names, "archive": pa.array(np.full(len(names), i, np.int16)),
+                "offset": members["offset"], "size": members["size"], "kind": kinds}).filter(
+                pc.is_valid(pc.struct_field(parts, "base"))))
+        table = pa.concat_tables(tables)
+        encoded = table["dir"].combine_chunks().dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(codes, kind="stable")
+        counts = np.bincount(codes, minlength=len(encoded.dictionary))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        folders = encoded.dictionary.to_pylist()
+        self._ranges = {f: (int(starts[j]), int(starts[j + 1])) for j, f in enumerate(folders)}
+        for folder in folders:
+            while folder:
+                parent, _, name = folder.rpartition("/")
+                self._children.setdefault(parent, set()).add(name)
+                folder = parent
+        return table.drop_columns(["dir"]).take(pa.array(order))
+
+    def _virtual(self, rel: str) -> list[Entry]:
+        """The entries archives put in folder ``rel``: members, then the folders below it."""
+        out = [Entry(name, True, 0) for name in sorted(self._children.get(rel, ()))]
+        start, end = self._ranges.get(rel, (0, 0))
+        if start == end:
+            return out
+        rows = self._rows.slice(start, end - start)
+        for base, member, archive, offset, size, kind in zip(*(rows[c].to_pylist() for c in (
+                "base", "member", "archive", "offset", "size", "kind"))):
+            if kind == DIR:
+                continue
+            path = self.indexes[archive].path
+            if kind == FILE:
+                out.append(Entry(base, False, size, None, None, path, member, offset))
+            elif kind == _DAMAGED:
+                damage = self.indexes[archive].damage
+                out.append(Entry(base, False, 0, "archive-truncated", f"{path} is cut at byte {damage.offset} "
+                                 f"({damage.reason})", path, member, offset))
+            else:
+                problem = "bad-name" if kind == BAD_NAME else "link-member"
+                out.append(Entry(base, False, size, problem, None, path, member, offset))
+        return out
+
+    def _merged(self, rel: str, real: list[Entry]) -> list[Entry]:
+        """``real`` entries of folder ``rel`` and the archives' ones, one per name: the first found is kept."""
+        kept: dict[str, Entry] = {e.name: e for e in real}
+        for e in self._virtual(rel):
+            first = kept.get(e.name)
+            if first is None:
+                kept[e.name] = e
+            elif not (first.is_dir and e.is_dir):
+                where = (archive_path(first.archive, first.member) if first.archive
+                         else f"{rel}/{first.name}" if rel else first.name)
+                self.duplicates[archive_path(e.archive, e.member)] = (rel, f"a second copy of {where}, which is "
+                                                                      "packed")
+        return sorted(kept.values(), key=lambda e: e.name)
+
+    def _has_real(self, rel: str) -> bool:
+        return any(rel == r or rel.startswith(r + "/") for r in self._real_roots) or rel == ""
+
+    def listdir(self, rel: str = "") -> list[Entry]:
+        """Entries of folder ``rel``, sorted by name."""
+        return next(self.listdir_many([rel])) if self._rows is not None else self.storage.listdir(rel)
+
+    def listdir_many(self, rels: Iterable[str]) -> Iterator[list[Entry] | OSError]:
+        """``listdir`` of each of ``rels`` in order (an OSError where a real folder cannot be listed)."""
+        if self._rows is None:
+            yield from self.storage.listdir_many(rels)
+            return
+        rels = list(rels)
+        real = self.storage.listdir_many([r for r in rels if self._has_real(r)])
+        for rel in rels:
+            listing = next(real) if self._has_real(rel) else []
+            if isinstance(listing, FileNotFoundError) and self._is_virtual_dir(rel):
+                listing = []
+            yield listing if isinstance(listing, OSError) else self._merged(rel, listing)
+
+    def _is_virtual_dir(self, rel: str) -> bool:
+        return rel in self._ranges or rel in self._children
+
+    def isdir(self, rel: str) -> bool:
+        return (self._rows is not None and self._is_virtual_dir(rel)) or self.storage.isdir(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.storage.exists(rel)
+
+    def is_regular_file(self, rel: str) -> bool:
+        return self.storage.is_regular_file(rel)
+
+    def open(self, rel: str) -> IO:
+        return self.storage.open(rel)
+
+    def read(self, rel: str) -> bytes:
+        return self.storage.read(rel)
+
+    def missing(self, subset_root: str, listed_in: str) -> tuple[str, str]:
+        """The reject reason and detail of a file the list ``listed_in`` names but SRC lacks: when an archive
+        that holds ``subset_root`` is damaged the file may have been past the damage (archive-truncated)."""
+        root = subset_root.split("/", 1)[0]
+        damaged = self._damage.get(root)
+        if damaged:
+            where = "; ".join(f"{path} is cut at byte {d.offset}" for path, d in damaged)
+            return "archive-truncated", f"listed in {listed_in} but not found: {where}"
+        return "listed-missing", f"listed in {listed_in} but not found in SRC"
