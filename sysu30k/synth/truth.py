@@ -1,5 +1,6 @@
 """The true identity of each packed training image of a synthetic dataset: ``truth.csv`` joined on the
-image manifest by source path (the extracted tree's, also for images packed from the release's archives). Only benchmarks and clustering diagnostics read it, never training."""
+image manifest by source path (the extracted tree's, also for images packed from the release's archives).
+Only benchmarks and clustering diagnostics read it, never training."""
 
 from __future__ import annotations
 

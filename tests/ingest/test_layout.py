@@ -7,8 +7,8 @@ import imagefiles as f
 import pytest
 
 from sysu30k.errors import UserError
-from sysu30k.ingest.source import Source
 from sysu30k.ingest.layout import LayoutReject, SourceImage, SubsetReport, _stem, present_subsets, walk_subset
+from sysu30k.ingest.source import Source
 from sysu30k.io.storage import Storage
 
 
