@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..io.storage import Storage
 from ..manifests import PLAN_DIR
 from ..release.bags import Bag, consecutive_bags, parse_bag_json
-from ..release.constants import BAG_LABEL_JSON
+from ..release.constants import BAG_LABEL_JSON, TRAIN_DIR
 from .config import ShardingOptions
 from .layout import LayoutReject, SourceImage, SubsetReport, subset_root, train_folders, walk_subset
 from .source import Source
@@ -113,17 +113,18 @@ def _bags(src: Source) -> tuple[list[Bag], str]:
             raise UserError(f"{src.url}/{BAG_LABEL_JSON} cannot be read: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
             raise UserError(f"{src.url}/{BAG_LABEL_JSON} is not UTF-8 text (byte {exc.start})") from None
-        return _checked(parse_bag_json(text), train_folders(src)), BAG_LABEL_JSON
+        return _checked(parse_bag_json(text), train_folders(src), bool(src.damaged(TRAIN_DIR))), BAG_LABEL_JSON
     return consecutive_bags(train_folders(src)), "consecutive-folder rule"
 
 
-def _checked(bags: list[Bag], folders: list[str]) -> list[Bag]:
+def _checked(bags: list[Bag], folders: list[str], damaged: bool = False) -> list[Bag]:
     """``bags`` of the JSON file, refused (naming the first bad bag) when one names a folder that is not a
-    training folder of SRC or carries a label that is not its folders' ids."""
+    training folder of SRC (unless a damaged archive may have held it: its images are rejects then) or
+    carries a label that is not its folders' ids."""
     present = set(folders)
     for b in bags:
         missing = [f for f in b.folders if f not in present]
-        if missing:
+        if missing and not damaged:
             raise UserError(f"{BAG_LABEL_JSON}: bag {b.bag_id} names folder {missing[0]!r}, which is not a "
                             "training folder of SRC")
         if {int(f) for f in b.folders} != set(b.label):

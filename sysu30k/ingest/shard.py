@@ -207,12 +207,12 @@ def index_archives(src: Storage, dst: Storage, show_progress: bool = True) -> li
         for i in todo:
             indexes[i] = index_archive(src, archives[i], bar.update)
             save_index(dst, indexes[i])
-    for index in indexes:
-        if index.damage is not None:
-            d = index.damage
-            log.warning("%s is damaged at byte %d: %s%s", index.path, d.offset, d.reason,
-                        f" (in member {d.member})" if d.member else "")
     return indexes
+
+
+def _damaged(index: ArchiveIndex) -> str:
+    d = index.damage
+    return f"{index.path} is damaged at byte {d.offset}: {d.reason}" + (f" (member {d.member})" if d.member else "")
 
 
 def damage_line(summary: dict) -> str | None:
@@ -262,10 +262,11 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
             dst.remove_temporaries(d)
         if plan is None:
             indexes = index_archives(src, dst, show_progress)
-            if strict and (damaged := [i for i in indexes if i.damage is not None]):
-                d = damaged[0].damage
-                raise UserError(f"{damaged[0].path} is damaged at byte {d.offset}: {d.reason} (--strict); "
-                                "download it again, or drop --strict to pack what it holds")
+            damaged = [i for i in indexes if i.damage is not None]
+            if strict and damaged:
+                raise UserError(f"{_damaged(damaged[0])}; download it again, or drop --strict to pack what it holds")
+            for index in damaged:
+                log.warning("%s; what it holds before the damage is packed", _damaged(index))
             source = Source(src, indexes)
             subsets = present_subsets(source, job.subsets)
         finished: dict[str, ShardStats] = {}

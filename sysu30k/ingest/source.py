@@ -213,12 +213,13 @@ class Source:
     def read(self, rel: str) -> bytes:
         return self.storage.read(rel)
 
+    def damaged(self, subset_root: str) -> list[str]:
+        """How each damaged archive that may hold files under ``subset_root`` is cut (empty when none is)."""
+        return [f"{path} is cut at byte {d.offset}" for path, d in self._damage.get(subset_root.split("/", 1)[0], [])]
+
     def missing(self, subset_root: str, listed_in: str) -> tuple[str, str]:
         """The reject reason and detail of a file the list ``listed_in`` names but SRC lacks: when an archive
         that holds ``subset_root`` is damaged the file may have been past the damage (archive-truncated)."""
-        root = subset_root.split("/", 1)[0]
-        damaged = self._damage.get(root)
-        if damaged:
-            where = "; ".join(f"{path} is cut at byte {d.offset}" for path, d in damaged)
-            return "archive-truncated", f"listed in {listed_in} but not found: {where}"
+        if damaged := self.damaged(subset_root):
+            return "archive-truncated", f"listed in {listed_in} but not found: {'; '.join(damaged)}"
         return "listed-missing", f"listed in {listed_in} but not found in SRC"
