@@ -291,8 +291,9 @@ def _gnu_and_pax_archive(fmt: int) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
         long_dir = "sysu_train_set_all/" + "d" * 120
-        for name, kind in (("sysu_train_set_all", DIR), (f"{long_dir}/a.jpg", FILE), ("sysu_train_set_all/é/ü.jpg", FILE),
-                           ("sysu_train_set_all/0000000001/empty.jpg", FILE), ("sysu_train_set_all/0000000001/l", OTHER)):
+        for name, kind in (("sysu_train_set_all", DIR), (f"{long_dir}/a.jpg", FILE),
+                           ("sysu_train_set_all/é/ü.jpg", FILE), ("sysu_train_set_all/0000000001/empty.jpg", FILE),
+                           ("sysu_train_set_all/0000000001/l", OTHER)):
             info = tarfile.TarInfo(name)
             if kind == DIR:
                 info.type = tarfile.DIRTYPE
