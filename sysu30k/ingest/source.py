@@ -109,7 +109,7 @@ class Source:
 
     def _lay_out(self, indexes: list[ArchiveIndex]) -> pa.Table:
         """One table of every member (and every damaged one) grouped by folder, in archive order within it."""
-        tables = []
+        tables, folders = [], set()
         for i, index in enumerate(indexes):
             members = _with_damaged(index)
             names, kinds = members["name"].combine_chunks(), members["kind"].combine_chunks()
@@ -117,6 +117,7 @@ class Source:
             if index.damage is not None:
                 for root in _role(index, paths):
                     self._damage.setdefault(root, []).append((index.path, index.damage))
+            folders.update(paths.filter(pc.equal(kinds, DIR)).to_pylist())      # folder members, empty ones too
             parts = pc.extract_regex(paths, r"^(?:(?P<dir>.*)/)?(?P<base>[^/]+)$")
             tables.append(pa.table({
                 "dir": pc.fill_null(pc.struct_field(parts, "dir"), ""), "base": pc.struct_field(parts, "base"),
@@ -129,9 +130,8 @@ class Source:
         order = np.argsort(codes, kind="stable")
         counts = np.bincount(codes, minlength=len(encoded.dictionary))
         starts = np.concatenate([[0], np.cumsum(counts)])
-        folders = encoded.dictionary.to_pylist()
-        self._ranges = {f: (int(starts[j]), int(starts[j + 1])) for j, f in enumerate(folders)}
-        for folder in folders:
+        self._ranges = {f: (int(starts[j]), int(starts[j + 1])) for j, f in enumerate(encoded.dictionary.to_pylist())}
+        for folder in folders | set(self._ranges):
             while folder:
                 parent, _, name = folder.rpartition("/")
                 self._children.setdefault(parent, set()).add(name)

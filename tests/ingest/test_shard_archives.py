@@ -235,6 +235,24 @@ def test_a_resumed_plan_reuses_the_member_index(release, tmp_path, monkeypatch):
     assert tree_digest(dst) == before
 
 
+def test_an_empty_folder_member_is_a_training_folder_as_in_the_tree(release, tmp_path):
+    from sysu30k.ingest.layout import train_folders
+    from sysu30k.ingest.members import index_archive
+    from sysu30k.ingest.source import Source, find_archives
+    from sysu30k.io.storage import Storage
+
+    rel = tmp_path / "download"
+    shutil.copytree(release, rel)
+    with tarfile.open(rel / "train/sysu_train_set_all_part1.tar", "a", format=tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo("sysu_train_set_all/0000000099")
+        info.type = tarfile.DIRTYPE
+        t.addfile(info)
+    src = Storage(str(rel))
+    source = Source(src, [index_archive(src, a) for a in find_archives(src)])
+    assert train_folders(source) == [f"{i:010d}" for i in range(1, 9)] + ["0000000099"]
+    assert source.listdir("sysu_train_set_all/0000000099") == []
+
+
 def test_lists_in_both_places_are_refused(release_copy, tmp_path):
     (release_copy / META_DIR).mkdir()
     shutil.copy(release_copy / "train.txt", release_copy / META_DIR / "train.txt")
