@@ -43,10 +43,32 @@ SCHEDULER_TIMEOUT = "20s"             # how long to wait for an existing Dask sc
 
 class Runner:
     """Shard tasks handed over while planning goes on; ``results`` yields the stats of every task handed
-    over, as each completes. ``start`` turns a task into something with ``result()`` and ``cancel()``."""
+    over, as each completes. ``start`` turns a task into something with ``result()`` and ``cancel()``;
+    ``call(fn, *args)`` runs any other small task (indexing an archive) in the same place."""
 
-    def __init__(self, start: Callable[[ShardTask], Any], completed: Callable[[list], Iterator[Any]]):
+    def __init__(self, start: Callable[[ShardTask], Any], completed: Callable[[list], Iterator[Any]],
+                 call: Callable[..., Any] | None = None):
         self._start, self._completed, self._pending = start, completed, []
+        self._call = call
+
+    @property
+    def in_process(self) -> bool:
+        """Whether tasks run in this process (no pool, no cluster)."""
+        return self._call is None
+
+    def each(self, fn: Callable, args: list[tuple]) -> Iterator[Any]:
+        """``fn(*a)`` for each of ``args``, run where the shard tasks run, yielded as each completes (here, in
+        this process, one by one when there is no pool or cluster)."""
+        if self._call is None:
+            yield from (fn(*a) for a in args)
+            return
+        futures = [self._call(fn, *a) for a in args]
+        try:
+            for future in self._completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def submit(self, task: ShardTask) -> None:
         self._pending.append(self._start(task))
@@ -97,7 +119,10 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
             key = f"sysu30k-pack-{shard_name(task.subset, task.index)}-{run}"
             return client.submit(pack_shard, task, key=key, retries=2)
 
-        with client, _cancelling(Runner(on_dask, dask_completed)) as runner:
+        def call(fn: Callable, *args) -> Any:
+            return client.submit(fn, *args, key=f"sysu30k-{fn.__name__}-{uuid.uuid4().hex[:12]}", retries=2)
+
+        with client, _cancelling(Runner(on_dask, dask_completed, call)) as runner:
             yield runner
         return
     if workers <= 1:
@@ -118,7 +143,7 @@ def _runner(workers: int, scheduler: str | None) -> Iterator[Runner]:
     finally:
         signal.signal(signal.SIGTERM, previous)
     try:
-        with _cancelling(Runner(lambda t: pool.submit(pack_shard, t), as_completed)) as runner:
+        with _cancelling(Runner(lambda t: pool.submit(pack_shard, t), as_completed, pool.submit)) as runner:
             yield runner
     except BaseException:                 # Ctrl-C, SIGTERM, a failed shard: no worker outlives the run
         _stop(pool)
@@ -197,17 +222,32 @@ def _options_for(url: str, options: dict) -> dict:
     return {} if protocol in (None, "file", "local") else options
 
 
-def index_archives(src: Storage, dst: Storage, show_progress: bool = True) -> list[ArchiveIndex]:
-    """The member index of every archive of SRC: kept under DST by an earlier run, or made now (and kept)."""
+def keep_index(src_url: str, src_options: dict, dst_url: str, dst_options: dict, retry: RetryPolicy,
+               archive: str) -> int:
+    """Index ``archive`` of SRC and keep the index under DST (a task: it returns only the archive's size)."""
+    index = index_archive(Storage(src_url, src_options, retry), archive)
+    save_index(Storage(dst_url, dst_options, retry), index)
+    return index.bytes
+
+
+def index_archives(src: Storage, dst: Storage, runner: Runner, show_progress: bool = True) -> list[ArchiveIndex]:
+    """The member index of every archive of SRC: kept under DST by an earlier run, or made now (and kept),
+    one task per archive where the shards are packed (in this process: with progress in bytes)."""
     archives = find_archives(src)
     sizes = [src.size(a) for a in archives]
     indexes: list[ArchiveIndex | None] = [load_index(dst, a, n) for a, n in zip(archives, sizes)]
     todo = [i for i, index in enumerate(indexes) if index is None]
     with progress(sum(sizes[i] for i in todo), "indexing archives", "B", show_progress and bool(todo)) as bar:
-        for i in todo:
-            indexes[i] = index_archive(src, archives[i], bar.update)
-            save_index(dst, indexes[i])
-    return indexes
+        if runner.in_process:
+            for i in todo:
+                indexes[i] = index_archive(src, archives[i], bar.update)
+                save_index(dst, indexes[i])
+        else:
+            jobs = [(src.url, src.options, dst.url, dst.options, src.policy, archives[i]) for i in todo]
+            for size in runner.each(keep_index, jobs):
+                bar.update(size)
+    return [index if index is not None else load_index(dst, a, n)
+            for index, a, n in zip(indexes, archives, sizes)]
 
 
 def _damaged(index: ArchiveIndex) -> str:
@@ -260,15 +300,6 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
             return summary
         for d in OUTPUT_DIRS:                 # what a killed run left behind, before any worker writes again
             dst.remove_temporaries(d)
-        if plan is None:
-            indexes = index_archives(src, dst, show_progress)
-            damaged = [i for i in indexes if i.damage is not None]
-            if strict and damaged:
-                raise UserError(f"{_damaged(damaged[0])}; download it again, or drop --strict to pack what it holds")
-            for index in damaged:
-                log.warning("%s; what it holds before the damage is packed", _damaged(index))
-            source = Source(src, indexes)
-            subsets = present_subsets(source, job.subsets)
         finished: dict[str, ShardStats] = {}
         with _runner(workers, scheduler) as runner:
             def dispatch(subset: str, index: int, digest: str) -> None:
@@ -281,6 +312,15 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
                                             retry))
 
             if plan is None:
+                indexes = index_archives(src, dst, runner, show_progress)
+                damaged = [i for i in indexes if i.damage is not None]
+                if strict and damaged:
+                    raise UserError(f"{_damaged(damaged[0])}; download it again, or drop --strict to pack what it "
+                                    "holds")
+                for index in damaged:
+                    log.warning("%s; what it holds before the damage is packed", _damaged(index))
+                source = Source(src, indexes)
+                subsets = present_subsets(source, job.subsets)
                 start_plan(dst, src.url, settings)
                 with progress(None, "planning", "file", show_progress) as bar:
                     plan = make_plan(source, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),

@@ -221,3 +221,15 @@ def test_the_lock_object_on_s3_refuses_a_live_holder_and_goes_away(s3, bucket):
             with exclusive(Storage(f"s3://{bucket}/locked"), "_lock.json", "sysu30k split"):
                 pass
     assert not store.exists("_lock.json")
+
+
+def test_dask_cluster_indexes_and_packs_the_release(dask_cluster, bigger_tree, tmp_path):
+    from sysu30k.synth.release import package_release
+
+    package_release(str(bigger_tree), str(tmp_path / "download"), parts=4)
+    run_shard(str(bigger_tree), str(tmp_path / "tree"), DASK_JOB, workers=2, show_progress=False)
+    run_shard(str(tmp_path / "download"), str(tmp_path / "dask"), DASK_JOB, scheduler=dask_cluster.scheduler_address,
+              show_progress=False)
+    shards = {k: v for k, v in tree_digest(tmp_path / "tree").items() if k.startswith("shards/")}
+    assert shards == {k: v for k, v in tree_digest(tmp_path / "dask").items() if k.startswith("shards/")}
+    assert len(list((tmp_path / "dask/_plan/archives").glob("*.parquet"))) == 5

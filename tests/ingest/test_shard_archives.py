@@ -95,7 +95,7 @@ def test_the_release_gives_the_shards_and_manifests_of_the_tree(tree_dst, releas
 def test_a_prefix_inside_the_archives_is_detected(tiny_tree, tree_dst, tmp_path, prefix):
     rel = tmp_path / "download"
     package_release(str(tiny_tree), str(rel), parts=2, prefix=prefix)
-    shard(rel, tmp_path / "dst")
+    shard(rel, tmp_path / "dst", workers=2)                           # archives indexed by the worker pool
     assert_same_output(tree_dst, tmp_path / "dst")
     path = pq.read_table(tmp_path / "dst/manifests/images.parquet")["path"][0].as_py()
     assert path.split("::")[1].startswith(prefix)
