@@ -44,10 +44,14 @@ class ShardJob:
     sharding: ShardingOptions = field(default_factory=ShardingOptions)
     image: ImageOptions = field(default_factory=ImageOptions)
     subsets: tuple[str, ...] = opt(SUBSETS, "Which subsets to pack (comma-separated).", type=Listed(str, "LIST"))
+    labels: bool = opt(True, "Pack KEY.json (subset; folder, or pid/camid/distractor) beside each KEY.jpg, so "
+                       "webdataset, Hugging Face datasets and DALI readers get labels without the manifests.",
+                       flag="--labels/--no-labels")
 
     def settings(self) -> dict:
         """The options as plain data, recorded in the plan and compared on resume."""
-        return {"sharding": asdict(self.sharding), "image": asdict(self.image), "subsets": list(self.subsets)}
+        return {"sharding": asdict(self.sharding), "image": asdict(self.image), "subsets": list(self.subsets),
+                "labels": self.labels}
 
     def check(self) -> None:
         """Raise UserError for options that cannot work."""

@@ -27,6 +27,7 @@ from ..io.tuning import tune_malloc
 from ..manifests import PARTS_DIR, SHARD_DIR
 from .config import MAX_SOURCE_BYTES, ImageOptions
 from .imageproc import Rejected, prepare
+from .labels import LABEL_EXT, label_bytes
 from .plan import read_shard_rows, rows_digest, shard_name
 from .tarpack import ShardWriter
 
@@ -45,6 +46,7 @@ class ShardTask:
     subset: str
     index: int
     image: ImageOptions
+    labels: bool = True
     src_options: dict = field(default_factory=dict)
     dst_options: dict = field(default_factory=dict)
     retry: RetryPolicy = RetryPolicy()
@@ -208,6 +210,7 @@ def pack_shard(task: ShardTask) -> ShardStats:
     name = shard_name(task.subset, task.index)
     plan = read_shard_rows(dst, name)
     keys, paths = plan["key"].to_pylist(), plan["path"].to_pylist()
+    folders, pids, camids, distractors = (plan[c].to_pylist() for c in ("folder", "pid", "camid", "distractor"))
     kept: list[int] = []
     packed: dict[str, list] = {"offset": [], "size": [], "width": [], "height": [], "sha256": []}
     offsets, sizes, widths, heights, hashes = packed.values()
@@ -223,7 +226,9 @@ def pack_shard(task: ShardTask) -> ShardStats:
                 rejects.append({"path": paths[i], "subset": task.subset, "reason": rej.reason, "detail": rej.detail})
                 continue
             kept.append(i)
-            offsets.append(writer.add(keys[i], out.data))
+            extras = ((LABEL_EXT, label_bytes(task.subset, folders[i], pids[i], camids[i], distractors[i])),) \
+                if task.labels else ()
+            offsets.append(writer.add(keys[i], out.data, extras))
             sizes.append(len(out.data))
             widths.append(out.width)
             heights.append(out.height)

@@ -47,6 +47,9 @@ def tar_bytes(size: int) -> int:
     return _BLOCK + -(-size // _BLOCK) * _BLOCK
 
 
+LABEL_BYTES = tar_bytes(1)     # a KEY.json member: its labels fit one block
+
+
 def rows_digest(rows: pa.Table) -> str:
     """sha256 of what a shard packs: its keys, source paths, sizes and archive offsets, in order."""
     content = [rows[c].to_pylist() for c in ("key", "path", "src_size", "archive", "offset")]
@@ -59,8 +62,8 @@ OnShard = Callable[[str, int, str], None]       # (subset, index, rows digest) o
 class _ShardCutter:
     """Buffers one shard's rows; at each cut writes them to ``_plan/<shard>.parquet`` and reports the shard."""
 
-    def __init__(self, dst: Storage, subset: str, opts: ShardingOptions, on_shard: OnShard):
-        self.dst, self.subset, self.opts, self.on_shard = dst, subset, opts, on_shard
+    def __init__(self, dst: Storage, subset: str, opts: ShardingOptions, on_shard: OnShard, extra: int = 0):
+        self.dst, self.subset, self.opts, self.on_shard, self.extra = dst, subset, opts, on_shard, extra
         self.shard_sizes: list[int] = []
         self.digests: list[str] = []
         self._rows: list[tuple] = []
@@ -69,7 +72,7 @@ class _ShardCutter:
         self._bytes = 0
 
     def add(self, item: SourceImage) -> None:
-        cost = tar_bytes(item.size)
+        cost = tar_bytes(item.size) + self.extra
         if self._count and (self._count >= self.opts.shard_count or self._bytes + cost > self.opts.shard_size):
             self._cut()
         self._rows.append((item.key, item.path, item.folder, item.pid, item.camid, item.distractor, item.size,
@@ -154,16 +157,17 @@ def load_run(dst: Storage) -> dict | None:
 
 
 def make_plan(src: Source, dst: Storage, subsets: tuple[str, ...], opts: ShardingOptions, settings: dict,
-              on_item: Callable[[], None] = lambda: None, on_shard: OnShard = lambda *_: None) -> dict:
-    """Walk SRC and write the plan under DST, calling ``on_shard`` as each shard's rows are written;
-    returns the content of ``plan.json``."""
+              on_item: Callable[[], None] = lambda: None, on_shard: OnShard = lambda *_: None,
+              labels: bool = False) -> dict:
+    """Walk SRC and write the plan under DST, calling ``on_shard`` as each shard's rows are written (each image
+    costs a ``KEY.json`` member more with ``labels``); returns the content of ``plan.json``."""
     bags, bag_source = _bags(src) if "train" in subsets else ([], "none")     # checked before the long walk
     rejects: list[LayoutReject] = []
     reports: dict[str, SubsetReport] = {}
     shards: dict[str, tuple[list[int], list[str]]] = {}
     for subset in subsets:
         reports[subset] = SubsetReport()
-        cutter = _ShardCutter(dst, subset, opts, on_shard)
+        cutter = _ShardCutter(dst, subset, opts, on_shard, LABEL_BYTES if labels else 0)
         for item in walk_subset(src, subset, reports[subset]):
             on_item()
             if isinstance(item, LayoutReject):

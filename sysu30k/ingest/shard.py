@@ -308,8 +308,8 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
                 if (stats := is_complete(dst, name, digest)) is not None:
                     finished[name] = stats
                 else:
-                    runner.submit(ShardTask(src.url, dst.url, subset, index, job.image, src_options, dst_options,
-                                            retry))
+                    runner.submit(ShardTask(src.url, dst.url, subset, index, job.image, job.labels, src_options,
+                                            dst_options, retry))
 
             if plan is None:
                 indexes = index_archives(src, dst, runner, show_progress)
@@ -324,7 +324,7 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
                 start_plan(dst, src.url, settings)
                 with progress(None, "planning", "file", show_progress) as bar:
                     plan = make_plan(source, dst, subsets, job.sharding, settings, on_item=lambda: bar.update(),
-                                     on_shard=dispatch)
+                                     on_shard=dispatch, labels=job.labels)
             else:
                 if strict and (damaged := [a for a in plan["archives"] if a["damage"]]):
                     raise UserError(f"{damaged[0]['path']} is damaged at byte {damaged[0]['damage']['offset']} "

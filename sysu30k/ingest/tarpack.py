@@ -1,8 +1,9 @@
 """Deterministic tar shards and their DALI indexes.
 
-Members are ``KEY.jpg`` in USTAR format with fixed mtime, owner and mode, so the same images always
-give the same bytes. The writer records where each member's data starts, so the DALI index (v1.2,
-the format of DALI's ``wds2idx``) is written from the packing offsets instead of re-scanning the tar.
+Members are ``KEY.jpg`` (and its ``KEY.json`` labels, when asked) in USTAR format with fixed mtime,
+owner and mode, so the same images always give the same bytes. The writer records where each member's
+data starts, so the DALI index (v1.2, the format of DALI's ``wds2idx``) is written from the packing
+offsets instead of re-scanning the tar.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def ustar_header(name: bytes, size: int) -> bytes:
 
 
 class ShardWriter:
-    """Appends ``KEY.jpg`` members to a tar stream; ``add`` returns the data offset of the member.
+    """Appends samples to a tar stream (``KEY.jpg``, then any extra members of the sample such as
+    ``KEY.json``); ``add`` returns the data offset of the image.
 
     The archive is what ``tarfile`` writes in USTAR format (a test checks it byte for byte); the writer
     lays out header, data and padding itself because ``TarFile.addfile`` and ``TarInfo.tobuf`` cost more
@@ -59,7 +61,7 @@ class ShardWriter:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._bytes = 0                                   # written and pending
-        self.members: list[tuple[str, int, int]] = []   # (member name, data offset, size)
+        self.samples: list[list[tuple[str, int, int, str]]] = []   # per sample: (ext, data offset, size, name)
 
     def _put(self, *parts: bytes) -> None:
         for part in parts:
@@ -75,14 +77,20 @@ class ShardWriter:
         self._f.write(block)
         self._pending, self._pending_bytes = [], 0
 
-    def add(self, key: str, data: bytes) -> int:
-        name = f"{key}.{IMAGE_EXT}"
+    def _member(self, name: str, data: bytes) -> int:
         header = ustar_header(name.encode("ascii"), len(data))
         offset = self._bytes + len(header)
-        pad = -len(data) % tarfile.BLOCKSIZE
-        self._put(header, data, _ZEROS[:pad])
-        self.members.append((name, offset, len(data)))
+        self._put(header, data, _ZEROS[:-len(data) % tarfile.BLOCKSIZE])
         return offset
+
+    def add(self, key: str, data: bytes, extras: tuple[tuple[str, bytes], ...] = ()) -> int:
+        """Append the image ``data`` as ``KEY.jpg`` and each (ext, bytes) of ``extras`` as ``KEY.ext``."""
+        sample = []
+        for ext, content in ((IMAGE_EXT, data), *extras):
+            name = f"{key}.{ext}"
+            sample.append((ext, self._member(name, content), len(content), name))
+        self.samples.append(sample)
+        return sample[0][1]
 
     def close(self) -> tuple[int, str]:
         """Finish the archive (two zero blocks, padded to a whole record, as tarfile does); returns
@@ -93,7 +101,18 @@ class ShardWriter:
         return self._bytes, self._sha256.hexdigest()
 
     def dali_index(self) -> str:
-        """The DALI webdataset index (v1.2) of the members written so far: one sample per member."""
-        lines = [f"v1.2 {len(self.members)}"]
-        lines += [f"{IMAGE_EXT} {offset} {size} {name}" for name, offset, size in self.members]
-        return "\n".join(lines) + "\n"
+        """The DALI webdataset index (v1.2) of the samples written so far: one line per sample."""
+        return dali_index(self.samples)
+
+
+def dali_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """A DALI webdataset index (v1.2, what ``wds2idx`` writes): per sample, each member's ext, data offset,
+    size and name."""
+    lines = [f"v1.2 {len(samples)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in samples]
+    return "\n".join(lines) + "\n"
+
+
+def next_member_offset(offset: int, size: int) -> int:
+    """The data offset of the member that follows one whose data starts at ``offset`` and is ``size`` long."""
+    return offset + size + (-size % tarfile.BLOCKSIZE) + tarfile.BLOCKSIZE

@@ -1,8 +1,9 @@
 """``sysu30k verify``: check a finished DST against its own manifests, byte for byte.
 
 Every shard of ``shards.parquet`` must exist with its size and sha256, its DALI index must list exactly the
-members of ``images.parquet`` for that shard (offsets and sizes), and every image's bytes at its offset must
-have its sha256; tars in ``shards/`` that no manifest names are reported as extra. Reads each tar once.
+members of ``images.parquet`` for that shard (offsets and sizes), every image's bytes at its offset must
+have its sha256, and (when shards carry labels) the ``KEY.json`` after it must hold the manifest's labels;
+tars in ``shards/`` that no manifest names are reported as extra. Reads each tar once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..io.progress import progress
 from ..io.storage import Storage
 from ..manifests import SHARD_DIR, SHARD_NAME, SUMMARY
 from ..release.constants import IMAGE_EXT
+from .labels import LABEL_EXT, label_bytes
+from .tarpack import dali_index, next_member_offset
 
 
 @dataclass
@@ -60,7 +63,9 @@ def verify(dst_url: str, storage_options: dict | None = None, show_progress: boo
     if not dst.exists(SUMMARY):
         raise UserError(f"{dst.url} has no {SUMMARY}: `sysu30k shard` has not finished there")
     shards = dst.read_table(manifests.relpath("shards"), columns=["shard", "bytes", "sha256"]).to_pylist()
-    images = dst.read_table(manifests.relpath("images"), columns=["key", "shard", "offset", "size", "sha256"])
+    images = dst.read_table(manifests.relpath("images"), columns=[
+        "key", "shard", "offset", "size", "sha256", "subset", "folder", "pid", "camid", "distractor"])
+    labels = bool(dst.read_json(SUMMARY)["settings"].get("labels"))
     report = Report()
     named = {s["shard"] for s in shards}
     for e in dst.listdir(SHARD_DIR) if dst.isdir(SHARD_DIR) else []:
@@ -70,7 +75,7 @@ def verify(dst_url: str, storage_options: dict | None = None, show_progress: boo
     rows = _rows_by_shard(images)
     with progress(len(shards), "verifying", "shard", show_progress) as bar:
         for s in shards:
-            _check_shard(dst, s, rows.pop(s["shard"], images.slice(0, 0)), report)
+            _check_shard(dst, s, rows.pop(s["shard"], images.slice(0, 0)), report, labels)
             bar.update(1)
     unknown = set(rows) - named
     for name in sorted(unknown):
@@ -88,7 +93,7 @@ def _rows_by_shard(images: pa.Table) -> dict[str, pa.Table]:
     return {str(names[a]): images.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:])}
 
 
-def _check_shard(dst: Storage, s: dict, rows, report: Report) -> None:
+def _check_shard(dst: Storage, s: dict, rows, report: Report, labels: bool) -> None:
     name = s["shard"]
     tar_rel, idx_rel = f"{SHARD_DIR}/{name}.tar", f"{SHARD_DIR}/{name}.idx"
     report.shards += 1
@@ -105,12 +110,21 @@ def _check_shard(dst: Storage, s: dict, rows, report: Report) -> None:
         report.add("different", tar_rel, f"{len(data)} bytes, sha256 {digest[:12]}…; the manifest says "
                    f"{s['bytes']} bytes, {s['sha256'][:12]}…")
     cols = rows.to_pydict()
-    for key, offset, size, sha in zip(cols["key"], cols["offset"], cols["size"], cols["sha256"]):
+    samples = []
+    for i, (key, offset, size, sha) in enumerate(zip(cols["key"], cols["offset"], cols["size"], cols["sha256"])):
         report.images += 1
         if offset + size > len(data) or hashlib.sha256(data[offset:offset + size]).hexdigest() != sha:
             report.add("different", f"{tar_rel}:{key}", f"the bytes at offset {offset} are not the manifest's image")
-    want = [f"{IMAGE_EXT} {o} {z} {k}.{IMAGE_EXT}" for k, o, z in zip(cols["key"], cols["offset"], cols["size"])]
+        sample = [(IMAGE_EXT, offset, size, f"{key}.{IMAGE_EXT}")]
+        if labels:
+            want = label_bytes(*(cols[c][i] for c in ("subset", "folder", "pid", "camid", "distractor")))
+            at = next_member_offset(offset, size)
+            if data[at:at + len(want)] != want or data[at - 512:at].split(b"\0", 1)[0] != f"{key}.{LABEL_EXT}".encode():
+                report.add("different", f"{tar_rel}:{key}.{LABEL_EXT}", "the labels after the image are not the "
+                           "manifest's")
+            sample.append((LABEL_EXT, at, len(want), f"{key}.{LABEL_EXT}"))
+        samples.append(sample)
     if not dst.exists(idx_rel):
         report.add("missing", idx_rel, "the DALI index of the shard")
-    elif dst.read_text(idx_rel).splitlines() != [f"v1.2 {len(want)}", *want]:
+    elif dst.read_text(idx_rel) != dali_index(samples):
         report.add("different", idx_rel, "its members are not the manifest's (offsets, sizes or names)")

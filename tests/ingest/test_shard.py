@@ -1,5 +1,6 @@
 """`sysu30k shard` end to end on synthetic data: readers, byte identity, determinism, resume, bad input."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from PIL import Image
 from sysu30k.cli import cli
 from sysu30k.ingest.config import ShardingOptions, ShardJob
 from sysu30k.ingest.shard import run_shard
+from sysu30k.ingest.verify import verify
 
 SMALL = ShardJob(ShardingOptions(shard_count=10))
 
@@ -79,17 +81,38 @@ def test_manifest_fields(packed):
     assert summary["subsets"]["train"]["images"] == len(train)
 
 
+def expected_labels(r: dict) -> dict:
+    return {k: r[k] for k in ("subset", "folder", "pid", "camid", "distractor")}
+
+
 def test_tarfile_reads_every_member(packed):
     _, dst, _ = packed
     rows = {r["key"] + ".jpg": r for r in images_of(dst)}
-    seen = {}
+    seen, labels = {}, {}
     for tar in sorted((dst / "shards").glob("*.tar")):
         with tarfile.open(tar) as t:
+            names = t.getnames()
+            assert names[1::2] == [n.replace(".jpg", ".json") for n in names[::2]]     # KEY.jpg, then KEY.json
             for m in t.getmembers():
                 data = t.extractfile(m).read()
                 assert m.mtime == 0 and m.mode == 0o444 and m.uid == 0 and m.isfile()
-                seen[m.name] = hashlib.sha256(data).hexdigest()
+                if m.name.endswith(".json"):
+                    labels[m.name[:-5] + ".jpg"] = json.loads(data)
+                else:
+                    seen[m.name] = hashlib.sha256(data).hexdigest()
     assert seen == {name: r["sha256"] for name, r in rows.items()}
+    assert labels == {name: expected_labels(r) for name, r in rows.items()}
+
+
+def test_no_labels_packs_the_same_images_alone(packed, tmp_path):
+    src, dst, _ = packed
+    bare = tmp_path / "bare"
+    run_shard(str(src), str(bare), dataclasses.replace(SMALL, labels=False), show_progress=False)
+    for tar in sorted((bare / "shards").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            assert all(n.endswith(".jpg") for n in t.getnames())
+    assert [(r["key"], r["sha256"]) for r in images_of(bare)] == [(r["key"], r["sha256"]) for r in images_of(dst)]
+    assert not verify(str(bare), show_progress=False).problems
 
 
 def test_webdataset_reads_each_image_once(packed):
@@ -97,11 +120,32 @@ def test_webdataset_reads_each_image_once(packed):
 
     _, dst, _ = packed
     urls = [str(p) for p in sorted((dst / "shards").glob("*.tar"))]
-    samples = [(s["__key__"], hashlib.sha256(s["jpg"]).hexdigest())
-               for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
-    keys = [k for k, _ in samples]
+    samples = [(s["__key__"], hashlib.sha256(s["jpg"]).hexdigest(), s["json"])
+               for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()]
+    keys = [k for k, _, _ in samples]
     assert len(keys) == len(set(keys))
-    assert dict(samples) == {r["key"]: r["sha256"] for r in images_of(dst)}
+    assert {k: h for k, h, _ in samples} == {r["key"]: r["sha256"] for r in images_of(dst)}
+    assert {k: j for k, _, j in samples} == {r["key"]: expected_labels(r) for r in images_of(dst)}
+
+
+def test_hugging_face_datasets_reads_images_and_labels(packed, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    _, dst, _ = packed
+    tars = sorted(str(p) for p in (dst / "shards").glob("*.tar"))
+    labels = {"subset": datasets.Value("string"), "folder": datasets.Value("int32"), "pid": datasets.Value("int32"),
+              "camid": datasets.Value("int8"), "distractor": datasets.Value("bool")}
+    features = datasets.Features({"jpg": datasets.Image(), "json": labels, "__key__": datasets.Value("string"),
+                                  "__url__": datasets.Value("string")})       # a test shard alone has no folders
+    ds = datasets.load_dataset("webdataset", data_files={"shards": tars}, split="shards", features=features,
+                               cache_dir=str(tmp_path / "hf"))
+    rows = {r["key"]: r for r in images_of(dst)}
+    assert sorted(ds["__key__"]) == sorted(rows)
+    for sample in ds:
+        assert sample["json"] == expected_labels(rows[sample["__key__"]])
+        assert sample["jpg"].size == (rows[sample["__key__"]]["width"], rows[sample["__key__"]]["height"])
 
 
 def test_index_matches_wds2idx(packed, tmp_path):
@@ -123,16 +167,17 @@ def test_dali_reads_shards_with_written_index(packed):
 
     @pipeline_def(batch_size=len(rows), num_threads=2, device_id=None)
     def pipe():
-        raw = fn.readers.webdataset(paths=[str(t) for t in tars],
+        raw, labels = fn.readers.webdataset(paths=[str(t) for t in tars],
                                     index_paths=[str(t.with_suffix(".idx")) for t in tars],
-                                    ext=["jpg"], random_shuffle=False, name="reader")
-        return raw, fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+                                    ext=["jpg", "json"], random_shuffle=False, name="reader")
+        return raw, labels, fn.decoders.image(raw, device="cpu", output_type=types.RGB)
 
     p = pipe()
     p.build()
-    raw, decoded = p.run()
+    raw, labels, decoded = p.run()
     got = [hashlib.sha256(raw.at(i).tobytes()).hexdigest() for i in range(len(raw))]
     assert got == [r["sha256"] for r in rows]                   # same images, in manifest order
+    assert [json.loads(labels.at(i).tobytes()) for i in range(len(labels))] == [expected_labels(r) for r in rows]
     assert all(decoded.at(i).shape == (144, 72, 3) for i in range(len(decoded)))
 
 

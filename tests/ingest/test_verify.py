@@ -77,3 +77,21 @@ def test_the_loader_names_a_missing_tar_in_one_line(packed, tmp_path):
     with pytest.raises(UserError, match=f"{train.name} is missing"):
         TrainLoader(str(dst), BagSpec(bags=2, per_bag=2), TransformSpec(height=64, width=32),
                     LoaderOptions(decoder="pil", workers=0))
+
+
+def test_labels_that_disagree_with_the_manifest_are_found(packed, tmp_path):
+    import tarfile
+
+    dst = tmp_path / "dst"
+    shutil.copytree(packed, dst)
+    tar = sorted((dst / "shards").glob("train-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        label = next(m for m in t.getmembers() if m.name.endswith(".json"))
+        text = t.extractfile(label).read()
+    data = bytearray(tar.read_bytes())
+    forged = text.replace(b'"folder":1', b'"folder":2')
+    assert forged != text and len(forged) == len(text)
+    data[label.offset_data:label.offset_data + len(text)] = forged
+    tar.write_bytes(bytes(data))
+    problems = verify(str(dst), show_progress=False).problems
+    assert any(where.endswith(label.name) and "labels" in detail for _, where, detail in problems), problems
