@@ -1,5 +1,9 @@
 """Pack one planned shard: read its sources, validate and convert each image, write the tar.
 
+Sources are extracted files (read one by one locally, fetched in concurrent batches from object storage)
+or members of the download's archives, read by byte range: consecutive members of one archive are
+coalesced into windows, so a shard of a part costs a few large reads instead of one request per image.
+
 Publishing order makes a crash harmless: the tar, its DALI index and the shard's manifest parts are
 each written under a temporary name and renamed into place, and only then is the completion marker
 ``_parts/<shard>.done.json`` written. A shard without a marker (or whose tar size disagrees with it, or
