@@ -25,6 +25,8 @@ class RunOptions:
     eval_batch: int = opt(128, "Batch size of the per-epoch validation.", min=1)
     keep_every: int = opt(0, "Also keep checkpoints/epoch-NNN.pt every N epochs (last.pt is rewritten every epoch).",
                           min=0)
+    tensorboard: bool = opt(True, "Also write the scalars of metrics.jsonl as TensorBoard event files in "
+                            "RUN/tensorboard/ (tensorboard --logdir RUN).")
     show_progress: bool = opt(True, cli=False)
     storage_options: dict = storage_option_field("For datasets in object storage (repeatable; JSON values allowed).")
 

@@ -3,8 +3,9 @@
 One process per GPU (``torchrun --nproc-per-node N`` gives DDP) or one CPU process. An epoch ends with
 ``last.pt`` (model, optimiser, schedule, loader position, RNG and the method's own ``extra`` state), a
 validation on the ``val`` split when ``sysu30k split --val-folders`` made one (``best.pt`` is kept by it,
-never by the test split) and a JSONL record in ``metrics.jsonl``. SIGTERM saves a mid-epoch checkpoint
-and exits with 143; rerunning the same command resumes exactly where it stopped.
+never by the test split) and a JSONL record in ``metrics.jsonl``, whose numbers also go to TensorBoard
+event files in ``tensorboard/`` (:mod:`.events`). SIGTERM saves a mid-epoch checkpoint and exits with 143;
+rerunning the same command resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..io.device import distributed, resolve_device
 from ..io.progress import progress
 from ..model import checkpoint
 from .config import RunOptions
+from .events import FOLDER, EventLog
 
 log = logging.getLogger("sysu30k")
 EXIT_ON_SIGTERM = 143
@@ -77,6 +79,7 @@ class Session:
     best: float | None = None
     extra: dict = field(default_factory=dict)
     net: torch.nn.Module = field(init=False)
+    events: EventLog | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -108,17 +111,32 @@ class Session:
         return state["loader"]
 
     def start(self) -> None:
-        """Create the run folder and record the settings (rank 0)."""
+        """Create the run folder, record the settings and open the TensorBoard log (rank 0; call after
+        :meth:`resume`: steps after the resumed one are hidden from earlier event files)."""
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=1))
+            if self.run.tensorboard:
+                self.events = EventLog(self.out / FOLDER, self.step + 1 if self.step else None)
 
     def append(self, record: dict) -> None:
-        """One JSON line in ``metrics.jsonl`` (rank 0)."""
+        """One JSON line in ``metrics.jsonl`` and its scalars in TensorBoard (rank 0; NaN is null, no scalar)."""
         if self.rank == 0:
+            record = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                    for k, v in record.items()}) + "\n")
+                f.write(json.dumps(record) + "\n")
+            if self.events is not None:
+                self.events.write(record)
+
+    def flush(self) -> None:
+        """Put the TensorBoard events logged so far on disk."""
+        if self.events is not None:
+            self.events.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard log (the trainers' last act, also on SIGTERM and errors)."""
+        if self.events is not None:
+            self.events.close()
 
 
 class _StopFlag:
@@ -193,6 +211,7 @@ def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total
                 if improved or (s.best is None and val is None and epoch == total - 1):
                     s.save(s.out / "best.pt", loader, epoch + 1)
                 s.append(record)
+                s.flush()
                 log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                                if isinstance(v, float)))
             else:

@@ -69,7 +69,10 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     if cfg.epochs == 0 and rank == 0:                  # the initialised model, e.g. as an untrained baseline
         s.save(s.out / "last.pt", loader, 0)
         s.save(s.out / "best.pt", loader, 0)
-    return run_epochs(s, loader, loader.epoch, cfg.epochs, _weak_loss(cfg, targets, loader), cfg.epochs)
+    try:
+        return run_epochs(s, loader, loader.epoch, cfg.epochs, _weak_loss(cfg, targets, loader), cfg.epochs)
+    finally:
+        s.close()
 
 
 def _weak_loss(cfg: TrainConfig, targets: dict[str, int] | None, loader: TrainLoader) -> LossFn:

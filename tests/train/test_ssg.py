@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ENV, cli, pack_synth, records
 from ddp import torchrun_cli
+from tbevents import assert_events_match_metrics, event_files
 
 from sysu30k.loader import GroupLoader, GroupSpec, LoaderOptions, TransformSpec
 from sysu30k.loader.groups import group_batches, plan_group_epoch
@@ -155,6 +156,8 @@ def test_the_source_stage_lowers_its_loss(domains):
     assert len(losses) == 8 and np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
     state = load(domains / "source-run" / "last.pt")
     assert state["format"] == "sysu30k-train-ssg/1" and state["config"]["model"]["num_classes"] == 10
+    tb = assert_events_match_metrics(domains / "source-run")
+    assert {"step/lr", "step/images_per_s", "step/total", "epoch/train_total"} <= tb.keys()
 
 
 def test_adaptation_clusters_each_iteration_lowers_the_loss_and_evaluates(domains, tmp_path):
@@ -172,6 +175,9 @@ def test_adaptation_clusters_each_iteration_lowers_the_loss_and_evaluates(domain
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     state = load(run / "last.pt")
     assert state["config"]["model"]["embedding"] == 64 and state["extra"]["labels"].shape == (3, n)
+    tb = assert_events_match_metrics(run)
+    assert {"cluster/clusters_g", "cluster/outliers_low", "cluster/kept", "cluster/eps_g", "cluster/nmi",
+            "cluster/ari", "epoch/cluster_nmi", "step/lr"} <= tb.keys() and tb["cluster/nmi"][0][0] == 0
     ev = cli("eval", str(domains / "tgt"), "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "ev"),
              "--workers", "0")
     assert ev.returncode == 0, ev.stderr
@@ -212,6 +218,7 @@ def test_sigterm_mid_iteration_then_resume_gives_the_uninterrupted_weights(domai
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["extra"]["labels"], b["extra"]["labels"])
     assert len(records(stopped, "cluster")) == 2                 # the resumed run did not cluster again
+    assert len(event_files(stopped)) == 2 and len(assert_events_match_metrics(stopped)["cluster/kept"]) == 2
 
 
 def test_user_errors_are_one_line(domains, tmp_path):
@@ -267,5 +274,6 @@ def test_adaptation_under_torchrun_two_ranks_on_cpu(domains, tmp_path):
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["iteration"] for r in records(run, "cluster")] == [0] and len(records(run, "epoch")) == 1
+    assert len(event_files(run)) == 1 and assert_events_match_metrics(run)          # rank 0's events only
     n = len((domains / "tgt-raw" / "truth.csv").read_text().splitlines()) - 1
     assert load(run / "last.pt")["extra"]["labels"].shape == (3, n)

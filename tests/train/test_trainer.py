@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ENV, cli, pack_synth, records
 from ddp import torchrun_cli
+from tbevents import assert_events_match_metrics, event_files
 
 from sysu30k.model.checkpoint import load, save
 from sysu30k.model.network import build_model
@@ -74,13 +75,17 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(packed, t
     assert same_weights(weights(straight / "last.pt"), weights(stopped / "last.pt"))
     optimizer_state = [load(run / "last.pt")["optimizer"]["state"].keys() for run in (stopped, straight)]
     assert optimizer_state[0] == optimizer_state[1]
+    tb = assert_events_match_metrics(stopped)               # TensorBoard: the resumed process appended a file
+    assert len(event_files(stopped)) == 2 and {"step/lr", "step/images_per_s", "epoch/images_per_s"} <= tb.keys()
+    assert [step for step, _ in tb["step/total"]] == list(range(1, len(records(straight, "step")) + 1))
 
 
 def test_sigkill_after_an_epoch_then_resume_gives_the_uninterrupted_weights(packed, tmp_path):
     """Also across the end of a folder-label warm-up (epoch 1 on folder pseudo-labels, epochs 2-3 on the argmax)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = ["--method", "dgl", "--epochs", "3", "--keep-every", "1", "--warmup-epochs", "1", *ARGS]
-    assert cli("train-weak", str(packed), "--out", str(straight), *args).returncode == 0
+    assert cli("train-weak", str(packed), "--out", str(straight), *args, "--no-tensorboard").returncode == 0
+    assert (straight / "metrics.jsonl").exists() and not (straight / "tensorboard").exists()
     proc = subprocess.Popen([sys.executable, "-m", "sysu30k", "-q", "train-weak", str(packed), "--out", str(killed),
                              *args], env=ENV, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -139,6 +144,7 @@ def test_torchrun_two_ranks_on_cpu(packed, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     record = records(run, "epoch")[-1]
     assert record["step"] >= 1 and (run / "best.pt").exists()
+    assert len(event_files(run)) == 1 and assert_events_match_metrics(run)          # rank 0's events only
 
 
 def test_a_non_finite_validation_never_becomes_best_pt(packed, tmp_path, monkeypatch):
@@ -164,6 +170,10 @@ def test_a_non_finite_validation_never_becomes_best_pt(packed, tmp_path, monkeyp
     train(str(packed), str(tmp_path / "run"), cfg, RunOptions(workers=0, decoder="pil", device="cpu",
                                                                show_progress=False))
     assert [r["val_rank1"] for r in records(tmp_path / "run", "epoch")] == [None, 0.5, None]
+    tb = assert_events_match_metrics(tmp_path / "run")
+    second = records(tmp_path / "run", "epoch")[1]["step"]
+    assert tb["epoch/val_rank1"] == [(second, 0.5)]                                  # the NaN epochs have none
+    assert tb["epoch/val_mAP_official"] == [(second, pytest.approx(0.1, rel=1e-7))]    # float32
     best = load(tmp_path / "run" / "best.pt")
     assert best["epoch"] == 2 and best["best_rank1"] == 0.5
     assert load(tmp_path / "run" / "last.pt")["best_rank1"] == 0.5

@@ -94,17 +94,20 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
                 schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, decay))
     state = s.resume()
     s.start()
-    if cfg.stage == "source":
-        if state is not None:
-            loader.load_state_dict(state)
-        lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.int64)
-        lookup[torch.from_numpy(classes)] = torch.arange(len(classes))
-        lookup = lookup.to(device)
-        log.info("source stage: %d images of %d identities, %d batches/epoch, %s", int((loader.labels >= 0).sum()),
-                 len(classes), len(loader), device)
-        return run_epochs(s, loader, loader.epoch, cfg.epochs,
-                          lambda fwd, b: source_loss(fwd(b.images), lookup[b.folder], cfg.margin), cfg.epochs)
-    return _adapt(s, cfg, dst_url, options, excluded, transform, state, truth)
+    try:
+        if cfg.stage == "source":
+            if state is not None:
+                loader.load_state_dict(state)
+            lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.int64)
+            lookup[torch.from_numpy(classes)] = torch.arange(len(classes))
+            lookup = lookup.to(device)
+            log.info("source stage: %d images of %d identities, %d batches/epoch, %s",
+                     int((loader.labels >= 0).sum()), len(classes), len(loader), device)
+            return run_epochs(s, loader, loader.epoch, cfg.epochs,
+                              lambda fwd, b: source_loss(fwd(b.images), lookup[b.folder], cfg.margin), cfg.epochs)
+        return _adapt(s, cfg, dst_url, options, excluded, transform, state, truth)
+    finally:
+        s.close()
 
 
 def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, excluded: frozenset[int],
@@ -131,7 +134,7 @@ def _adapt(s: Session, cfg: SSGConfig, dst_url: str, options: LoaderOptions, exc
                 labels, eps, quality = box
             kept = {k: v for k, v in s.extra.items() if k == "plus_labelled"}    # SSG++ annotates once
             s.extra = {**kept, "iteration": it, "eps": eps, "labels": torch.from_numpy(labels), "quality": quality}
-            s.append({"event": "cluster", "iteration": it, **quality})
+            s.append({"event": "cluster", "iteration": it, "step": s.step, **quality})
         labels = s.extra["labels"].numpy()
         groups = training_groups(keys, labels)
         loader = GroupLoader(dst_url, groups, GroupSpec(cfg.groups, cfg.per_group), transform, options, excluded)
