@@ -1,7 +1,8 @@
 """The manifest contract: Parquet schemas loaded from ``schema.toml`` beside this file.
 
 This folder is the package ``sysu30k.manifests`` (see pyproject.toml). ``schema(name)`` gives the
-pyarrow schema of a table; ``markdown()`` renders the documentation kept in ``README.md``.
+pyarrow schema of a table; ``read(DST, name)`` reads it into pandas with the contract's dtypes (module
+``reader``, imported on first use); ``markdown()`` renders the documentation kept in ``README.md``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import tomllib
 from importlib import resources
 
 import pyarrow as pa
+
+from ..lazy import exports
+
+__getattr__ = exports(__name__, {"read": "reader", "pandas_dtype": "reader"})
 
 _SCALARS = {
     "string": pa.string(), "bool": pa.bool_(), "int8": pa.int8(), "int16": pa.int16(),
@@ -77,4 +82,6 @@ def markdown() -> str:
         out += [f"| `{c['name']}` | {c['type']} | {'yes' if c['nullable'] else 'no'} | {c['doc']} |"
                 for c in spec["columns"]]
         out.append("")
-    return "\n".join(out)
+    from .reader import markdown_section
+
+    return "\n".join(out + markdown_section())

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -14,6 +15,7 @@ from . import __version__
 from .errors import UserError
 from .evaluation.config import EvalOptions
 from .ingest.config import ShardJob, ShardRun
+from .model.config import ExportOptions
 from .options import apply_config, build, cli_options
 from .split.config import SplitOptions
 from .synth.config import SynthConfig
@@ -21,9 +23,27 @@ from .train.config import RunOptions, TrainConfig
 from .train.ssg.config import SOURCE_DEFAULTS, SSGConfig
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _quiet(**kw) -> Callable:
+    """The -q/--quiet option, declared once: the group's, and the same flag after every command's name."""
+    return click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress either).", **kw)
+
+
+def _quiet_after_command(ctx: click.Context, param: click.Parameter, quiet: bool) -> None:
+    if quiet:                                # parsed after the group's callback has set the level
+        logging.getLogger("sysu30k").setLevel(logging.WARNING)
+
+
+class _Group(click.Group):
+    """The command group: every command added to it also takes -q/--quiet after its name."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        _quiet(expose_value=False, callback=_quiet_after_command)(cmd)
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sysu30k")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@_quiet()
 def cli(quiet: bool) -> None:
     """Shard, load, train and evaluate on SYSU-30k, the weakly labelled person re-ID dataset."""
     log = logging.getLogger("sysu30k")
@@ -197,7 +217,8 @@ def peek(dst: str, out: str, index: int, **values) -> None:
 @click.option("--compare", nargs=2, metavar="RUN_A RUN_B", default=None,
               help="Print two runs' metrics side by side (writes nothing).")
 @cli_options(EvalOptions)
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print metrics.json instead of the table (with --compare: both runs' metrics and B-A).")
 def eval_(dst: str | None, checkpoint: str | None, query_features: str | None, gallery_features: str | None,
           out_dir: str | None, compare: tuple[str, str] | None, as_json: bool, **values) -> None:
     """Evaluate with the official SYSU-30k protocol: rank-1/5/10/20 and both mAPs.
@@ -213,7 +234,7 @@ def eval_(dst: str | None, checkpoint: str | None, query_features: str | None, g
     if compare:
         if checkpoint or query_features or gallery_features:
             raise UserError("--compare takes two run folders and no other input")
-        click.echo(reports.compare(*compare))
+        click.echo(json.dumps(_compared(*compare), indent=1) if as_json else reports.compare(*compare))
         return
     if checkpoint and (query_features or gallery_features):
         raise UserError("give either --checkpoint or --query-features/--gallery-features, not both")
@@ -238,10 +259,21 @@ def eval_(dst: str | None, checkpoint: str | None, query_features: str | None, g
     click.echo(f"wrote {out_dir}/ (metrics.json, per_query.parquet, cmc.png, ranked.png)")
 
 
+def _compared(run_a: str, run_b: str) -> dict:
+    """``eval --compare --json``: the two runs' metrics and B - A of every number both have."""
+    from .evaluation.reports import load_metrics
+
+    a, b = load_metrics(run_a)["metrics"], load_metrics(run_b)["metrics"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return {"a": {"run": run_a, "metrics": a}, "b": {"run": run_b, "metrics": b},
+            "b_minus_a": {k: b[k] - v for k, v in a.items() if number(v) and number(b.get(k))}}
+
+
 @cli.command("embed")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Any checkpoint eval reads: sysu30k's, the official net_6.pth, torchvision ResNet-50 weights.")
+              help="Any checkpoint eval reads: sysu30k's, the official net_6.pth, torchvision ResNet-50 weights; or "
+                   "a model.onnx of sysu30k export (run with onnxruntime on the CPU).")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="The feature Parquet file.")
 @cli_options(EvalOptions, only=("feature", "batch", "device", "height", "width", "flip", "normalize"))
 def embed(images: tuple[str, ...], checkpoint: str, out_file: str, **values) -> None:
@@ -254,7 +286,33 @@ def embed(images: tuple[str, ...], checkpoint: str, out_file: str, **values) -> 
 
     got = embed_images(list(images), checkpoint, out_file, build(EvalOptions, values))
     click.echo(f"wrote {out_file}: {got['images']} images, {got['dim']}-d {got['feature']} features of a "
-               f"{got['format']} checkpoint ({'labelled from file names' if got['labelled'] else 'keys only'})")
+               f"{got['format']} checkpoint{' (ONNX, onnxruntime CPU)' if got.get('onnx') else ''} "
+               f"({'labelled from file names' if got['labelled'] else 'keys only'})")
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The ONNX file to write (its name ends in .onnx).")
+@cli_options(ExportOptions)
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def export(checkpoint: str, out_file: str, as_json: bool, **values) -> None:
+    """Write CHECKPOINT's network (any format eval reads) as an ONNX model computing embed's features.
+
+    The graph takes ImageNet-normalised RGB float32 images [batch, 3, H, W] (any batch; H x W fixed: the
+    checkpoint's or --height/--width) and returns L2(f(x) + f(flip(x))) of the chosen feature f, as eval and
+    embed compute it; sysu30k embed --checkpoint model.onnx runs it with onnxruntime on the CPU.
+    """
+    from .model.export import export_onnx
+
+    got = export_onnx(checkpoint, out_file, build(ExportOptions, values))
+    if as_json:
+        click.echo(json.dumps(got, indent=1))
+        return
+    check = "" if got["max_deviation"] is None else f"; onnxruntime vs PyTorch max |diff| {got['max_deviation']:.1e}"
+    click.echo(f"wrote {got['out']}: the {got['dim']}-d {got['feature']} feature of {checkpoint} ({got['format']} "
+               f"format), input {got['input']} [batch, 3, {got['height']}, {got['width']}], opset {got['opset']}, "
+               f"{got['bytes'] / 1e6:.1f} MB{check}")
 
 
 def _run_folder(f):

@@ -6,7 +6,9 @@ checkpoint's size (bicubic, as the official evaluator), then embedded as ``sysu3
 sum, L2). Keys: a shard member's key; a file named like a SYSU-30k test image (``<id>_c<cam>_<k>.jpg``)
 gets its stem, as ``sysu30k shard`` names it, and its pid and camera, so the file scores with
 ``eval --query-features/--gallery-features`` directly or joined with a split; any other file gets its
-path below the input folder (``a/b.jpg`` → ``a_b``) and no labels.
+path below the input folder (``a/b.jpg`` → ``a_b``) and no labels. A ``.onnx`` file written by ``sysu30k
+export`` is a model too: it runs on onnxruntime's CPU provider at its own input size and normalisation, and
+gives the same file.
 """
 
 from __future__ import annotations
@@ -109,18 +111,23 @@ def embed_images(inputs: list[str], checkpoint: str, out: str, opts: EvalOptions
     from ..model.formats import load_network
 
     flip, normalize = opts.flip, opts.normalize
-    loaded = load_network(checkpoint, opts.feature)
-    dev = resolve_device(opts.device)
-    spec = TransformSpec(height=opts.height or loaded.size[0], width=opts.width or loaded.size[1], train=False)
-    network = loaded.network.to(dev)
+    onnx = str(checkpoint).lower().endswith(".onnx")
+    if onnx:
+        fmt, feature, spec, features = _onnx_features(inputs, checkpoint, opts)
+    else:
+        loaded = load_network(checkpoint, opts.feature)
+        dev = resolve_device(opts.device)
+        fmt, feature = loaded.format, loaded.feature
+        spec = TransformSpec(height=opts.height or loaded.size[0], width=opts.width or loaded.size[1], train=False)
+        features = iter_features(loaded.network.to(dev), _batches(inputs, spec, opts.batch, flip), dev, flip,
+                                 normalize)
     seen: set[str] = set()
     labelled: bool | None = None
     dim = 0
-    meta = {"checkpoint": str(checkpoint), "checkpoint_format": loaded.format, "feature": loaded.feature,
+    meta = {"checkpoint": str(checkpoint), "checkpoint_format": fmt, "feature": feature,
             "size": f"{spec.height}x{spec.width}", "flip": flip, "normalize": normalize}
     with FeatureWriter(out, metadata=meta) as writer:
-        for feats, keys, pids, cams in iter_features(network, _batches(inputs, spec, opts.batch, flip), dev, flip,
-                                                     normalize):
+        for feats, keys, pids, cams in features:
             dup = next((k for k in keys if k in seen), None) or (keys[0] if len(set(keys)) < len(keys) else None)
             if dup is not None:
                 raise UserError(f"two images have the key {dup}: give inputs whose file names differ")
@@ -134,5 +141,34 @@ def embed_images(inputs: list[str], checkpoint: str, out: str, opts: EvalOptions
             dim = feats.shape[1]
         if not seen:
             raise UserError("no images in the inputs")
-    return {"images": len(seen), "dim": dim, "format": loaded.format, "feature": loaded.feature,
-            "labelled": bool(labelled)}
+    return {"images": len(seen), "dim": dim, "format": fmt, "feature": feature, "labelled": bool(labelled),
+            "onnx": onnx}
+
+
+def _onnx_features(inputs: list[str], path: str, opts: EvalOptions) -> tuple[str, str, TransformSpec, Iterator]:
+    """(source format, feature, transform, feature batches) of the ``.onnx`` model at ``path``: every option
+    the model cannot honour is a UserError, none is dropped."""
+    from ..model.onnxmodel import load_onnx
+
+    model = load_onnx(path)
+    exported = f"{path} was exported with"
+    refusals = [
+        (opts.feature not in ("auto", model.feature),
+         f"--feature {opts.feature}: {exported} the {model.feature} feature"),
+        (opts.height not in (None, model.size[0]), f"--height {opts.height}: {exported} height {model.size[0]}"),
+        (opts.width not in (None, model.size[1]), f"--width {opts.width}: {exported} width {model.size[1]}"),
+        (model.flip and not opts.flip, f"--no-flip: {exported} the flip sum in its graph"),
+        (model.normalize and not opts.normalize, f"--no-normalize: {exported} the L2 normalisation in its graph"),
+        (opts.device not in ("auto", "cpu"), f"--device {opts.device}: an .onnx model runs on onnxruntime's CPU "
+                                             "provider (give --device cpu or none)")]
+    refused = next((why for hit, why in refusals if hit), None)
+    if refused:
+        raise UserError(refused + ("" if refused.startswith("--device") else
+                                   " (export the checkpoint again with it, or embed with the checkpoint)"))
+    spec = TransformSpec(height=model.size[0], width=model.size[1], train=False)
+
+    def run() -> Iterator[tuple[torch.Tensor, list[str], np.ndarray, np.ndarray]]:
+        for batch in _batches(inputs, spec, opts.batch, flip=False):
+            yield (torch.from_numpy(model.features(batch.images.numpy())), batch.keys, batch.pid.numpy(),
+                   batch.camid.numpy())
+    return model.format, model.feature, spec, run()

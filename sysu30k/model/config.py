@@ -1,5 +1,5 @@
-"""What a network is made of (:class:`ModelConfig`), declared once; stored in every checkpoint. Light to
-import (no torch)."""
+"""What a network is made of (:class:`ModelConfig`), declared once and stored in every checkpoint, and how
+``sysu30k export`` writes one as ONNX (:class:`ExportOptions`). Light to import (no torch)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from ..options import opt
+from ..options import check, opt
 
 ARCHS = ("resnet50", "resnet18")
 HEADS = ("bnneck", "ssg")
 FEATURES = ("auto", "logits", "pool", "neck")   # what a network hands the evaluator (sysu30k.model.formats)
+OPSETS = (18, 25)   # ONNX opsets torch's exporter writes natively (no version converter); onnxruntime 1.32 runs all
 FORMATS = {                                      # checkpoint files sysu30k reads, by the name metrics.json gives
     "sysu30k": "a checkpoint of sysu30k train-weak or train-ssg",
     "official": "the official SYSU-30k layout (a state dict of ft_net: model.* ResNet-50 keys and "
@@ -33,3 +34,20 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How ``sysu30k export`` writes a checkpoint's network as ONNX (:func:`sysu30k.model.export.export_onnx`)."""
+
+    feature: str = opt("auto", "The feature the graph outputs: logits, pool, neck or auto (as for eval and embed).",
+                       choices=FEATURES)
+    opset: int = opt(OPSETS[0], "ONNX opset of the graph.", min=OPSETS[0], max=OPSETS[1])
+    height: int | None = opt(None, "Input height of the graph.", min=8, default_note="the checkpoint's eval height")
+    width: int | None = opt(None, "Input width of the graph.", min=8, default_note="the checkpoint's eval width")
+    overwrite: bool = opt(False, "Replace an existing --out file (atomically); without it an existing file is refused.")
+    verify: bool = opt(True, "Run the written file with onnxruntime on two random inputs and report its largest "
+                      "deviation from the PyTorch features.")
+
+    def __post_init__(self) -> None:
+        check(self)

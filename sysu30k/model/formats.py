@@ -117,6 +117,9 @@ def _resolve(fmt: str, feature: str, net: nn.Module) -> str:
 
 def load_network(path: str | Path, feature: str = "auto") -> Loaded:
     """The network of the checkpoint at ``path``, in eval mode on the CPU, handing out ``feature``."""
+    if str(path).lower().endswith(".onnx"):
+        raise UserError(f"{path} is an ONNX model, not a checkpoint: only embed runs it (score its features with "
+                        "eval --query-features/--gallery-features)")
     state = load(path)
     fmt = detect(state)
     if fmt is None:

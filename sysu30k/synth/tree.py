@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import UserError
+from ..io.progress import progress as progress_counter
 from ..release.bags import bags_to_json, consecutive_bags, train_folder_name
 from ..release.constants import (
     BAG_LABEL_JSON,
@@ -216,7 +216,7 @@ def _render(out: str, cfg: SynthConfig, workers: int, progress: bool) -> dict[st
     """Write the images, meta lists, bag json and truth.csv under ``out``; returns the counts of synth.json."""
     tasks = _tasks(cfg)
     results: list[_Written | None] = [None] * len(tasks)
-    with tqdm(total=sum(_images(t) for t in tasks), unit="img", desc="synth", disable=not progress) as bar:
+    with progress_counter(sum(_images(t) for t in tasks), "synth", "img", progress) as bar:
         if workers == 1:
             for i, task in enumerate(tasks):
                 results[i] = _run_task(out, cfg, task)
