@@ -45,12 +45,22 @@ class Damage:
 
 @dataclass
 class ArchiveIndex:
-    """The members of archive ``path`` (relative to SRC) of ``bytes`` bytes, and its damage if any."""
+    """The members of archive ``path`` (relative to SRC) of ``bytes`` bytes (``count`` of them; the table may
+    be left on DST, None here), and its damage if any."""
 
     path: str
     bytes: int
-    members: pa.Table
+    members: pa.Table | None
     damage: Damage | None = None
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.members is not None:
+            self.count = self.members.num_rows
+
+    def without_members(self) -> ArchiveIndex:
+        """This index without its member table (kept under DST: :func:`load_index` reads it back)."""
+        return ArchiveIndex(self.path, self.bytes, None, self.damage, self.count)
 
 
 def _padded(size: int) -> int:

@@ -189,8 +189,7 @@ def make_plan(src: Source, dst: Storage, subsets: tuple[str, ...], opts: Shardin
                     for s, (sizes, digests) in shards.items()},
         "layout": {s: dataclasses.asdict(r) for s, r in reports.items()},
         "layout_rejects": len(rejects), "bags": len(bags), "bag_source": bag_source,
-        "archives": [{"path": i.path, "bytes": i.bytes, "members": i.members.num_rows,
-                      "damage": dataclasses.asdict(i.damage) if i.damage else None} for i in src.indexes],
+        "archives": src.archives,
     }
     dst.write_atomic(f"{PLAN_DIR}/plan.json", json.dumps(plan, indent=1).encode())
     return plan

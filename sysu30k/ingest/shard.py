@@ -231,8 +231,9 @@ def keep_index(src_url: str, src_options: dict, dst_url: str, dst_options: dict,
 
 
 def index_archives(src: Storage, dst: Storage, runner: Runner, show_progress: bool = True) -> list[ArchiveIndex]:
-    """The member index of every archive of SRC: kept under DST by an earlier run, or made now (and kept),
-    one task per archive where the shards are packed (in this process: with progress in bytes)."""
+    """The member index of every archive of SRC (without its member table, which is kept under DST): made by
+    an earlier run, or now, one task per archive where the shards are packed (in this process: with
+    progress in bytes)."""
     archives = find_archives(src)
     sizes = [src.size(a) for a in archives]
     indexes: list[ArchiveIndex | None] = [load_index(dst, a, n) for a, n in zip(archives, sizes)]
@@ -240,14 +241,14 @@ def index_archives(src: Storage, dst: Storage, runner: Runner, show_progress: bo
     with progress(sum(sizes[i] for i in todo), "indexing archives", "B", show_progress and bool(todo)) as bar:
         if runner.in_process:
             for i in todo:
-                indexes[i] = index_archive(src, archives[i], bar.update)
-                save_index(dst, indexes[i])
+                index = index_archive(src, archives[i], bar.update)
+                save_index(dst, index)
+                indexes[i] = index.without_members()
         else:
             jobs = [(src.url, src.options, dst.url, dst.options, src.policy, archives[i]) for i in todo]
             for size in runner.each(keep_index, jobs):
                 bar.update(size)
-    return [index if index is not None else load_index(dst, a, n)
-            for index, a, n in zip(indexes, archives, sizes)]
+    return [(index or load_index(dst, a, n)).without_members() for index, a, n in zip(indexes, archives, sizes)]
 
 
 def _damaged(index: ArchiveIndex) -> str:
@@ -319,7 +320,7 @@ def run_shard(src_url: str, dst_url: str, job: ShardJob = ShardJob(), workers: i
                                     "holds")
                 for index in damaged:
                     log.warning("%s; what it holds before the damage is packed", _damaged(index))
-                source = Source(src, indexes)
+                source = Source(src, indexes, lambda i: load_index(dst, i.path, i.bytes).members)
                 subsets = present_subsets(source, job.subsets)
                 start_plan(dst, src.url, settings)
                 with progress(None, "planning", "file", show_progress) as bar:

@@ -10,9 +10,10 @@ extracted and in an archive, or in two archives, is packed once; the other copie
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable, Iterator
-from typing import IO
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -54,29 +55,49 @@ def _implied_root(archive: str) -> str | None:
     return TRAIN_DIR if "train" in name else TEST_DIR if "test" in name else None
 
 
-def logical_paths(archive: str, names: pa.Array, kinds: pa.Array) -> pa.Array:
-    """Where each member of ``archive`` sits in the extracted tree: its name less the archive's prefix, the
-    one most of its files start with."""
-    files = names.filter(pc.equal(kinds, FILE))
-    bare = pc.replace_substring_regex(names, r"^(?:\./)+", "")
+_SAMPLE = 100_000      # file members the prefix of an archive is detected from
+
+
+class Placement(NamedTuple):
+    """How the members of one archive map to the extracted tree: ``strip`` is removed from the front of the
+    names that start with it, ``add`` is put in front of every name (the root an archive's name implies)."""
+
+    strip: str
+    add: str
+
+
+def placement(archive: str, names: pa.Array, kinds: pa.Array) -> Placement:
+    """The placement most of the archive's files agree on (a UserError when none can be told)."""
+    files = names.filter(pc.equal(kinds, FILE)).slice(0, _SAMPLE)
     if len(files) == 0:
-        return bare
+        return Placement("", "")
     found = pc.struct_field(pc.extract_regex(files, _PREFIX.pattern), "pre").drop_null()
     if len(found):
         counts = pc.value_counts(found)
-        prefix = counts.field("values")[int(np.argmax(counts.field("counts").to_numpy()))].as_py()
-        return pc.if_else(pc.starts_with(names, prefix), pc.replace_substring_regex(names, "^" + re.escape(prefix), ""),
-                          bare)
+        return Placement(counts.field("values")[int(np.argmax(counts.field("counts").to_numpy()))].as_py(), "")
     root = _implied_root(archive)
     if root is None:
         raise UserError(f"cannot tell where the members of {archive} belong: none is under "
                         f"{TRAIN_DIR}/ or {TEST_DIR}/ (the first is {files[0].as_py()!r})")
-    return pc.binary_join_element_wise(root + "/", bare, "")
+    leading = pc.struct_field(pc.extract_regex(files, r"^(?P<dot>(?:\./)*)"), "dot")
+    counts = pc.value_counts(leading)
+    return Placement(counts.field("values")[int(np.argmax(counts.field("counts").to_numpy()))].as_py(), root + "/")
 
 
-def _with_damaged(index: ArchiveIndex) -> pa.Table:
-    """The members of ``index``, and the member its damage cuts (kind _DAMAGED) when there is one."""
-    members = index.members
+def logical_paths(names: pa.Array, where: Placement) -> tuple[pa.Array, pa.Array]:
+    """Where each member sits in the extracted tree, and which members are not ``where.strip + name``
+    (their names are kept apart: all others are rebuilt from the tree path)."""
+    placed = pc.starts_with(names, where.strip) if where.strip else pa.array(np.ones(len(names), bool))
+    bare = names
+    if where.strip:
+        stripped = pc.replace_substring(names, where.strip, "", max_replacements=1)
+        bare = pc.if_else(placed, stripped, pc.replace_substring_regex(names, r"^(?:\./)+", ""))
+    paths = pc.binary_join_element_wise(where.add, bare, "") if where.add else bare
+    return paths, pc.invert(placed)
+
+
+def _with_damaged(index: ArchiveIndex, members: pa.Table) -> pa.Table:
+    """The ``members`` of ``index``, and the member its damage cuts (kind _DAMAGED) when there is one."""
     if index.damage is None or index.damage.member is None:
         return members
     cut = pa.table({"name": [index.damage.member], "offset": pa.array([index.damage.offset], pa.int64()),
@@ -84,10 +105,10 @@ def _with_damaged(index: ArchiveIndex) -> pa.Table:
     return pa.concat_tables([members, cut.cast(members.schema)])
 
 
-def _role(index: ArchiveIndex, paths: pa.Array) -> set[str]:
+def _role(archive: str, paths: pa.Array) -> set[str]:
     """The subset roots an archive holds (by its members, else by its name; both when neither tells)."""
     roots = {r for r in _ROOTS if pc.any(pc.starts_with(paths, r + "/")).as_py()} if len(paths) else set()
-    implied = _implied_root(index.path)
+    implied = _implied_root(archive)
     return roots or ({implied} if implied else set(_ROOTS))
 
 
@@ -95,48 +116,82 @@ class Source:
     """The storage at SRC with the members of its archives laid over its extracted files, read-only.
 
     Offers what planning needs of a tree (``listdir``, ``listdir_many``, ``isdir`` and reads of the files at
-    the root); :attr:`duplicates` collects the copies that are not packed, as they are listed."""
+    the root); :attr:`duplicates` collects the copies that are not packed, as they are listed. The member
+    table of each of ``indexes`` comes from ``members_of`` (default: the one it holds) when it is laid out,
+    and is released right after, so only one archive's index is in memory besides the layout.
+    """
 
-    def __init__(self, storage: Storage, indexes: list[ArchiveIndex]):
-        self.storage, self.indexes = storage, indexes
+    def __init__(self, storage: Storage, indexes: list[ArchiveIndex],
+                 members_of: Callable[[ArchiveIndex], pa.Table] = lambda index: index.members):
+        self.storage = storage
         self.url, self.local = storage.url, storage.local
+        self.archives = [{"path": i.path, "bytes": i.bytes, "members": i.count,
+                          "damage": dataclasses.asdict(i.damage) if i.damage else None} for i in indexes]
         self.duplicates: dict[str, tuple[str, str]] = {}     # path of a copy not packed -> (its folder, why)
+        self._paths = [i.path for i in indexes]
+        self._cuts = {j: i.damage for j, i in enumerate(indexes) if i.damage is not None}
+        self._damage: dict[str, list[tuple[str, Damage]]] = {}
         self._ranges: dict[str, tuple[int, int]] = {}
         self._children: dict[str, set[str]] = {}
-        self._damage: dict[str, list[tuple[str, Damage]]] = {}
-        self._rows = self._lay_out(indexes) if indexes else None
-        self._real_roots = {r for r in _ROOTS if storage.isdir(r)} if indexes else set(_ROOTS)
+        self._renamed: dict[tuple[int, int], str] = {}     # (archive, row) -> a member name not strip + path
+        self._strip: list[str] = []
+        self._add: list[str] = []
+        self._rows: pa.Table | None = None
+        self._order: np.ndarray | None = None
+        if indexes:
+            self._lay_out(indexes, members_of)
+        self._real_roots = {r for r in _ROOTS if storage.isdir(r)} if self._rows is not None else set(_ROOTS)
 
-    def _lay_out(self, indexes: list[ArchiveIndex]) -> pa.Table:
-        """One table of every member (and every damaged one) grouped by folder, in archive order within it."""
-        tables, folders = [], set()
+    def _lay_out(self, indexes: list[ArchiveIndex], members_of: Callable[[ArchiveIndex], pa.Table]) -> None:
+        """Group every member (and every damaged one) by folder, in archive order within it: one table in
+        archive order and the permutation that sorts it by folder (no second copy of the table)."""
+        codes_of: dict[str, int] = {}
+        folders: set[str] = set()
+        chunks, codes = [], []
         for i, index in enumerate(indexes):
-            members = _with_damaged(index)
+            members = _with_damaged(index, members_of(index))
             names, kinds = members["name"].combine_chunks(), members["kind"].combine_chunks()
-            paths = logical_paths(index.path, names, kinds)
-            if index.damage is not None:
-                for root in _role(index, paths):
-                    self._damage.setdefault(root, []).append((index.path, index.damage))
+            where = placement(self._paths[i], names, kinds)
+            self._strip.append(where.strip)
+            self._add.append(where.add)
+            paths, renamed = logical_paths(names, where)
+            for row in np.flatnonzero(renamed.to_numpy(zero_copy_only=False)):
+                self._renamed[(i, int(row))] = names[int(row)].as_py()
+            del names
+            if i in self._cuts:
+                for root in _role(self._paths[i], paths):
+                    self._damage.setdefault(root, []).append((self._paths[i], self._cuts[i]))
             folders.update(paths.filter(pc.equal(kinds, DIR)).to_pylist())      # folder members, empty ones too
-            parts = pc.extract_regex(paths, r"^(?:(?P<dir>.*)/)?(?P<base>[^/]+)$")
-            tables.append(pa.table({
-                "dir": pc.fill_null(pc.struct_field(parts, "dir"), ""), "base": pc.struct_field(parts, "base"),
-                "member": names, "archive": pa.array(np.full(len(names), i, np.int16)),
-                "offset": members["offset"], "size": members["size"], "kind": kinds}).filter(
-                pc.is_valid(pc.struct_field(parts, "base"))))
-        table = pa.concat_tables(tables)
-        encoded = table["dir"].combine_chunks().dictionary_encode()
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
-        order = np.argsort(codes, kind="stable")
-        counts = np.bincount(codes, minlength=len(encoded.dictionary))
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        self._ranges = {f: (int(starts[j]), int(starts[j + 1])) for j, f in enumerate(encoded.dictionary.to_pylist())}
+            split = pc.split_pattern(pc.binary_join_element_wise("/", paths, ""), "/", max_splits=1, reverse=True)
+            del paths
+            dirs = pc.utf8_slice_codeunits(pc.list_element(split, 0), 1).dictionary_encode()
+            local = np.array([codes_of.setdefault(d, len(codes_of)) for d in dirs.dictionary.to_pylist()], np.int32)
+            codes.append(local[dirs.indices.to_numpy(zero_copy_only=False)] if len(local) else
+                         np.zeros(0, np.int32))
+            chunks.append(pa.table({
+                "base": pc.list_element(split, 1), "archive": pa.array(np.full(len(kinds), i, np.int16)),
+                "row": pa.array(np.arange(len(kinds), dtype=np.int32)), "offset": members["offset"],
+                "size": members["size"], "kind": kinds}))
+            del split, dirs, members
+        self._rows = pa.concat_tables(chunks)
+        all_codes = np.concatenate(codes)
+        self._order = np.argsort(all_codes, kind="stable").astype(np.int32)
+        starts = np.concatenate([[0], np.cumsum(np.bincount(all_codes, minlength=len(codes_of)))])
+        self._ranges = {f: (int(starts[c]), int(starts[c + 1])) for f, c in codes_of.items()
+                        if starts[c + 1] > starts[c]}
         for folder in folders | set(self._ranges):
             while folder:
                 parent, _, name = folder.rpartition("/")
                 self._children.setdefault(parent, set()).add(name)
                 folder = parent
-        return table.drop_columns(["dir"]).take(pa.array(order))
+
+    def _member(self, archive: int, row: int, folder: str, base: str) -> str:
+        """The name in its archive of the member at ``folder/base`` of the tree."""
+        renamed = self._renamed.get((archive, row))
+        if renamed is not None:
+            return renamed
+        path = f"{folder}/{base}" if folder else base
+        return self._strip[archive] + path[len(self._add[archive]):]
 
     def _virtual(self, rel: str) -> list[Entry]:
         """The entries archives put in folder ``rel``: members, then the folders below it."""
@@ -144,16 +199,16 @@ class Source:
         start, end = self._ranges.get(rel, (0, 0))
         if start == end:
             return out
-        rows = self._rows.slice(start, end - start)
-        for base, member, archive, offset, size, kind in zip(*(rows[c].to_pylist() for c in (
-                "base", "member", "archive", "offset", "size", "kind"))):
+        rows = self._rows.take(pa.array(self._order[start:end]))
+        for base, archive, row, offset, size, kind in zip(*(rows[c].to_pylist() for c in (
+                "base", "archive", "row", "offset", "size", "kind"))):
             if kind == DIR:
                 continue
-            path = self.indexes[archive].path
+            path, member = self._paths[archive], self._member(archive, row, rel, base)
             if kind == FILE:
                 out.append(Entry(base, False, size, None, None, path, member, offset))
             elif kind == _DAMAGED:
-                damage = self.indexes[archive].damage
+                damage = self._cuts[archive]
                 out.append(Entry(base, False, 0, "archive-truncated", f"{path} is cut at byte {damage.offset} "
                                  f"({damage.reason})", path, member, offset))
             else:
