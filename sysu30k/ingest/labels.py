@@ -16,5 +16,12 @@ LABEL_EXT = "json"
 
 def label_bytes(subset: str, folder: int | None, pid: int | None, camid: int | None, distractor: bool) -> bytes:
     """The content of ``KEY.json`` for one image."""
-    labels = {"subset": subset, "folder": folder, "pid": pid, "camid": camid, "distractor": bool(distractor)}
-    return json.dumps(labels, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return _FORMAT.format(_value(camid), "true" if distractor else "false", _value(folder), _value(pid),
+                          json.dumps(subset)).encode("ascii")
+
+
+_FORMAT = '{{"camid":{},"distractor":{},"folder":{},"pid":{},"subset":{}}}'   # json.dumps(sort_keys, no spaces)
+
+
+def _value(number: int | None) -> str:
+    return "null" if number is None else str(int(number))

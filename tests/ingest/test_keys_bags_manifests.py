@@ -66,3 +66,15 @@ def test_schemas_cover_the_documented_columns():
                  "width", "height", "sha256"):
         assert name in images.names
     assert str(manifests.schema("bags").field("label").type) == "list<item: int32>"
+
+
+@pytest.mark.parametrize("labels", [("train", 7, None, None, False), ("query", None, 28311, 2, False),
+                                    ("gallery", None, -1000, 1, True), ("gallery", None, 0, 0, False)])
+def test_label_bytes_are_canonical_json(labels):
+    import json
+
+    from sysu30k.ingest.labels import label_bytes
+
+    subset, folder, pid, camid, distractor = labels
+    want = {"subset": subset, "folder": folder, "pid": pid, "camid": camid, "distractor": distractor}
+    assert label_bytes(*labels) == json.dumps(want, sort_keys=True, separators=(",", ":")).encode()
