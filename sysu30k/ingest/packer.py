@@ -2,7 +2,8 @@
 
 Sources are extracted files (read one by one locally, fetched in concurrent batches from object storage)
 or members of the download's archives, read by byte range: consecutive members of one archive are
-coalesced into windows, so a shard of a part costs a few large reads instead of one request per image.
+coalesced into windows (over a whole batch, whatever the order of its rows), so a shard costs a few large
+reads per archive instead of one request per image.
 
 Publishing order makes a crash harmless: the tar, its DALI index and the shard's manifest parts are
 each written under a temporary name and renamed into place, and only then is the completion marker
@@ -12,6 +13,7 @@ whose marker names other planned rows) is packed again from scratch, with the sa
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import json
@@ -105,88 +107,81 @@ def start_worker() -> None:
     tune_malloc()
 
 
-class _Window(NamedTuple):
-    """One read of consecutive members of an archive: bytes ``start`` to ``end``, and each member's range."""
+class _Source(NamedTuple):
+    """Where one planned row's bytes are: an extracted file (``archive`` None) or a member's byte range."""
 
-    archive: str
-    start: int
-    end: int
-    members: list[tuple[int, int]]
-
-
-def _pieces(rows: pa.Table) -> Iterator[str | _Window]:
-    """The reads a shard's rows need, in row order: a path per extracted file, a window per run of members
-    that lie close together in one archive (gaps under WINDOW_GAP, windows up to WINDOW_BYTES)."""
-    window: _Window | None = None
-    for path, archive, offset, size in zip(*(rows[c].to_pylist() for c in ("path", "archive", "offset", "src_size"))):
-        if archive is None:
-            if window is not None:
-                yield window
-                window = None
-            yield path
-            continue
-        if (window is not None and window.archive == archive and window.end <= offset <= window.end + WINDOW_GAP
-                and offset + size - window.start <= WINDOW_BYTES):
-            window = window._replace(end=offset + size)
-            window.members.append((offset, size))
-            continue
-        if window is not None:
-            yield window
-        window = _Window(archive, offset, offset + size, [(offset, size)])
-    if window is not None:
-        yield window
+    path: str
+    archive: str | None
+    offset: int | None
+    size: int
 
 
-def _fetch(src: Storage, batch: list[str | _Window]) -> list[bytes | Exception]:
-    """The bytes of each member or file of ``batch`` (or the exception reading it ended with)."""
-    out: list[bytes | Exception] = []
-    paths = [p for p in batch if isinstance(p, str)]
-    files = iter(src.read_many(paths, MAX_SOURCE_BYTES) if paths else [])
-    windows = [w for w in batch if isinstance(w, _Window)]
-    by_archive: dict[str, list[_Window]] = {}
-    for w in windows:
-        by_archive.setdefault(w.archive, []).append(w)
-    got: dict[int, bytes | Exception] = {}
-    for archive, group in by_archive.items():
-        try:
-            data = src.read_ranges(archive, [w.start for w in group], [w.end for w in group])
-        except OSError as exc:
-            data = [exc] * len(group)
-        got.update((id(w), d) for w, d in zip(group, data))
-    for piece in batch:
-        if isinstance(piece, str):
-            out.append(next(files))
-            continue
-        data = got[id(piece)]
-        for offset, size in piece.members:
-            if isinstance(data, Exception):
-                out.append(data)
-            elif offset + size - piece.start > len(data):
-                out.append(ArchiveTruncated(errno.EIO, f"{piece.archive} ends before byte {offset + size}"))
-            else:
-                out.append(data[offset - piece.start:offset - piece.start + size])
-    return out
-
-
-def _batches(pieces: Iterator[str | _Window]) -> Iterator[list[str | _Window]]:
-    """Pieces grouped into reads of about READ_CHUNK files or READ_BYTES bytes."""
-    batch: list[str | _Window] = []
-    count = nbytes = 0
-    for piece in pieces:
-        batch.append(piece)
-        count += 1 if isinstance(piece, str) else len(piece.members)
-        nbytes += 0 if isinstance(piece, str) else piece.end - piece.start
-        if count >= READ_CHUNK or nbytes >= READ_BYTES:
+def _batches(rows: pa.Table) -> Iterator[list[_Source]]:
+    """The rows' sources in order, in batches of about READ_CHUNK extracted files or READ_BYTES of members."""
+    batch: list[_Source] = []
+    files = nbytes = 0
+    for row in zip(*(rows[c].to_pylist() for c in ("path", "archive", "offset", "src_size"))):
+        item = _Source(*row)
+        batch.append(item)
+        if item.archive is None:
+            files += 1
+        else:
+            nbytes += item.size
+        if files >= READ_CHUNK or nbytes >= READ_BYTES:
             yield batch
-            batch, count, nbytes = [], 0, 0
+            batch, files, nbytes = [], 0, 0
     if batch:
         yield batch
+
+
+def windows(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, end) reads covering the (offset, size) ranges of one archive: ranges sorted by offset merge
+    while the gap between them is at most WINDOW_GAP and the read stays within WINDOW_BYTES."""
+    out: list[list[int]] = []
+    for offset, size in sorted(ranges):
+        if out and offset <= out[-1][1] + WINDOW_GAP and offset + size - out[-1][0] <= WINDOW_BYTES:
+            out[-1][1] = max(out[-1][1], offset + size)
+        else:
+            out.append([offset, offset + size])
+    return [(a, b) for a, b in out]
+
+
+def _fetch(src: Storage, batch: list[_Source]) -> list[bytes | Exception]:
+    """The bytes of each source of ``batch`` (or the exception reading it ended with): extracted files read
+    as files, the members of each archive through the fewest windows that cover them, whatever their order
+    in the batch (folders interleaved across parts are read in one pass over each part)."""
+    out: list[bytes | Exception | None] = [None] * len(batch)
+    files = [i for i, item in enumerate(batch) if item.archive is None]
+    for i, data in zip(files, src.read_many([batch[i].path for i in files], MAX_SOURCE_BYTES) if files else []):
+        out[i] = data
+    by_archive: dict[str, list[int]] = {}
+    for i, item in enumerate(batch):
+        if item.archive is not None:
+            by_archive.setdefault(item.archive, []).append(i)
+    for archive, members in by_archive.items():
+        reads = windows([(batch[i].offset, batch[i].size) for i in members])
+        try:
+            got = src.read_ranges(archive, [a for a, _ in reads], [b for _, b in reads])
+        except OSError as exc:
+            got = [exc] * len(reads)
+        starts = [a for a, _ in reads]
+        for i in members:
+            offset, size = batch[i].offset, batch[i].size
+            w = bisect.bisect_right(starts, offset) - 1
+            data = got[w]
+            if isinstance(data, Exception):
+                out[i] = data
+            elif offset + size - starts[w] > len(data):
+                out[i] = ArchiveTruncated(errno.EIO, f"{archive} ends before byte {offset + size}")
+            else:
+                out[i] = data[offset - starts[w]:offset - starts[w] + size]
+    return out
 
 
 def _with_sources(src: Storage, rows: pa.Table) -> Iterator[bytes | Exception]:
     """The bytes of each planned row's source (or the exception reading it ended with): local files and
     archive windows read here, in order; on an object store, fetched in batches one batch ahead."""
-    batches = _batches(_pieces(rows))
+    batches = _batches(rows)
     if src.local:      # a reading thread would only trade the GIL back and forth with this one
         for batch in batches:
             yield from _fetch(src, batch)

@@ -352,3 +352,33 @@ def test_an_archive_without_its_end_blocks_is_damage():
     data += b"\0" * (-len(data) % 512)
     table, damage = scan(lambda pos, n: data[pos:pos + n], len(data), lambda: io.BytesIO(data))
     assert damage is not None and damage.offset == len(data) and table.num_rows == 5
+
+
+def test_windows_merge_ranges_in_any_order():
+    from sysu30k.ingest.packer import WINDOW_BYTES, WINDOW_GAP, windows
+
+    far = 1034 + WINDOW_GAP + 1
+    assert windows([(far, 100), (0, 512), (1024, 10)]) == [(0, 1034), (far, far + 100)]
+    assert windows([(5000, 100), (0, 512)]) == [(0, 5100)]                # a small gap is read through
+    assert windows([(0, 10), (10 + WINDOW_GAP + 1, 5)]) == [(0, 10), (WINDOW_GAP + 11, WINDOW_GAP + 16)]
+    assert windows([(0, WINDOW_BYTES), (WINDOW_BYTES, 1)]) == [(0, WINDOW_BYTES), (WINDOW_BYTES, WINDOW_BYTES + 1)]
+    assert windows([]) == []
+
+
+def test_interleaved_parts_are_read_in_one_window_per_part_and_shard(release, tree_dst, tmp_path, monkeypatch):
+    from sysu30k.io.storage import Storage
+
+    reads: list[tuple[str, int]] = []
+    original = Storage.read_ranges
+
+    def counting(self, rel, starts, ends):
+        reads.append((rel, len(starts)))
+        return original(self, rel, starts, ends)
+
+    monkeypatch.setattr(Storage, "read_ranges", counting)
+    shard(release, tmp_path / "dst")
+    assert_same_output(tree_dst, tmp_path / "dst")
+    images = pq.read_table(tmp_path / "dst/manifests/images.parquet").to_pylist()
+    touched = {(r["shard"], r["path"].split("::")[0]) for r in images}
+    assert sorted(rel for rel, _ in reads) == sorted(a for _, a in touched)   # one read per part a shard touches
+    assert all(n == 1 for _, n in reads)                                     # of one window (small archives)
