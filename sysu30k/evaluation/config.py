@@ -30,14 +30,17 @@ class EvalOptions:
                              "evaluator's size)")
     width: int | None = opt(None, "Extraction: resize width.", min=8, default_note="the checkpoint's training width")
     feature: str = opt("auto", "The feature compared: logits (the classifier output: the official feature), pool "
-                       "(the 2048-d pooled last stage), neck (train-weak's BN-neck embedding) or auto (logits for the "
-                       "official model, neck for train-weak, SSG's test feature for train-ssg, pool for torchvision "
-                       "weights).", choices=FEATURES)
+                       "(the 2048-d pooled last stage; the flip's is added before the one L2, as for every feature, "
+                       "where the self-supervised script normalises the image's first), neck (train-weak's BN-neck "
+                       "embedding) or auto (logits for the official model, neck for train-weak, SSG's test feature "
+                       "for train-ssg, pool for torchvision weights).", choices=FEATURES)
     memory_budget: int = opt(4 << 30, "Hold the split's features in memory (and cache them in the run folder) when "
-                             "they fit in this many bytes; otherwise score the gallery as it is extracted.",
+                             "they fit in this many bytes; otherwise score the gallery as it is extracted (feature "
+                             "files: as the gallery file is read).",
                              min=1, type=ByteSize(), default_note="4GiB")
     save_features: bool = opt(False, "Also write the features when they are scored as extracted (the official "
-                              "28,310-d feature of the test set takes 54 GB).")
+                              "28,310-d feature of the test set takes 54 GB); under torchrun the ranks' parts are "
+                              "joined into the file one process writes.")
     flip: bool = opt(True, "Add the flipped image's feature.")
     normalize: bool = opt(True, "L2-normalise features.")
     show: tuple[str, ...] = opt((), "Query key for ranked.png (repeatable).", multiple=True, metavar="KEY",

@@ -23,9 +23,19 @@ from ..io.storage import Storage
 from ..loader import EvalLoader, LoaderOptions, TransformSpec, resolve_decoder
 from ..model.formats import load_network
 from .config import EvalOptions
-from .features import FeatureSet, FeatureWriter, iter_features, join_split, read_features, write_features
+from .features import (
+    FeatureFile,
+    FeatureSet,
+    FeatureWriter,
+    iter_features,
+    join_labels,
+    join_split,
+    merge_features,
+    read_features,
+    write_features,
+)
 from .reports import write_run
-from .scoring import Scorer, auto_chunk, score
+from .scoring import Scorer, Scores, auto_chunk, score
 
 log = logging.getLogger("sysu30k")
 
@@ -39,23 +49,66 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
     """Score two feature files (table ``features``) with the official protocol; write the run folder.
 
     Files without pid/camid are joined on key with ``DST/manifests/split.parquet`` (rows of ``split``).
-    Returns the metrics.json content.
+    When both files' features exceed ``opts.memory_budget`` the gallery file is read a batch of rows at a
+    time (:func:`score_file`), with the numbers and refusals of the in-memory path. Returns metrics.json.
     """
     split = opts.split
     dst = Storage(dst_url, opts.storage_options) if dst_url else None
-    sets = []
-    for role, path in (("query", query_features), ("gallery", gallery_features)):
-        fs = read_features(path)
+
+    def labelled(fs: FeatureSet, role: str, path: str) -> FeatureSet:
         if len(fs) == 0:
             raise UserError(f"{path} holds no features")
         if fs.pids is None or fs.camids is None:
             if dst is None:
                 raise UserError(f"{path} has no pid/camid columns: give DST to join it with its split manifest")
             fs = join_split(fs, dst, split, role, path)
-        sets.append(fs)
+        return fs
+
+    q = labelled(read_features(query_features), "query", query_features)
     meta = {"split": split, "dst": dst.url if dst else None, "query_features": str(query_features),
             "gallery_features": str(gallery_features), "label": Path(str(query_features)).stem}
-    return _score_and_write(sets[0], sets[1], out_dir, meta, dst_url, opts)
+    with FeatureFile(gallery_features) as gfile:
+        need = q.feats.numel() * 4 + gfile.nbytes
+        if need > opts.memory_budget:
+            log.info("features: %.1f GB (--memory-budget %.1f GB): the gallery file is scored as it is read",
+                     need / 1e9, opts.memory_budget / 1e9)
+            dev = resolve_device(opts.device)
+            chunk = opts.chunk or auto_chunk(len(q), gfile.rows, dev)
+            t0 = time.perf_counter()
+            s = score_file(q, gfile, dst, split, chunk, dev)
+            metrics = write_run(out_dir, s, {**meta, "scoring": "streamed", "device": str(dev), "chunk": chunk},
+                                dst_url=dst_url, show=opts.show, worst=opts.worst,
+                                storage_options=opts.storage_options)
+            log.info("scored %d queries against %d gallery images in %.1f s", len(q), gfile.rows,
+                     time.perf_counter() - t0)
+            return metrics
+    g = labelled(read_features(gallery_features), "gallery", gallery_features)
+    return _score_and_write(q, g, out_dir, {**meta, "scoring": "in memory"}, dst_url, opts)
+
+
+def score_file(q: FeatureSet, gfile: FeatureFile, dst: Storage | None, split: str, chunk: int,
+               device: torch.device) -> Scores:
+    """Score the labelled queries ``q`` against the gallery file ``gfile`` without holding its vectors: its
+    labels (joined with ``split`` of DST when it has none), then the blocks :func:`score` would make of it,
+    read as they are scored. Any refusal is the in-memory path's for the same files (the first fault in its
+    order: vectors missing or of two lengths, bad keys or labels, NaN or inf, then the blocks' own)."""
+    try:
+        keys, pids, camids = gfile.labels()
+        if pids is None or camids is None:
+            if dst is None:
+                raise UserError(f"{gfile.path} has no pid/camid columns: give DST to join it with its split manifest")
+            pids, camids = join_labels(keys, pids, camids, dst, split, "gallery", gfile.path)
+    except UserError as exc:
+        raise gfile.fault() or exc from None
+    s = Scorer(q.feats, q.pids, q.camids, pids, camids, q.keys, keys, device=device)
+    try:
+        if len(s.matched):
+            s.add_matches(s.matched, gfile.take(s.matched))
+        for rows, feats in gfile.blocks(np.setdiff1d(np.arange(gfile.rows), s.matched), chunk):
+            s.add(rows, feats)
+    except UserError as exc:                    # in memory, the whole file's NaN check comes before any block
+        raise gfile.fault(keys) or exc from None
+    return s.result()
 
 
 def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalOptions = EvalOptions(),
@@ -74,8 +127,8 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
         raise UserError(f"no checkpoint at {checkpoint}")
     rank, world, local_rank = distributed()
     dev = resolve_device(opts.device, local_rank)
-    if world > 1 and opts.save_features:
-        raise UserError("--save-features under torchrun: each rank holds part of the gallery; save them in one process")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)                  # this rank's GPU for the collectives (Scorer.reduce)
     loaded = load_network(ckpt_path, opts.feature)
     height, width = opts.height or loaded.size[0], opts.width or loaded.size[1]
     if loaded.format != "sysu30k" and opts.decoder == "auto":
@@ -109,9 +162,8 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
              "scored as it is extracted", len(roles["query"]) + len(roles["gallery"]), dim, need / 1e9,
              opts.memory_budget / 1e9, world)
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        writer = (stack.enter_context(FeatureWriter(cache_rel, out, file_meta)) if opts.save_features else None)
-        s = stream_split(network, dst_url, split, roles, dev, opts, height, width, dtype, writer, (rank, world))
+    save = (out, cache_rel, file_meta) if opts.save_features else None
+    s = stream_split(network, dst_url, split, roles, dev, opts, height, width, dtype, save, (rank, world))
     meta = {**meta, "features": cache_rel if opts.save_features else None, "scoring": "streamed", "device": str(dev),
             "chunk": None, "processes": world}
     if rank:
@@ -144,45 +196,93 @@ def _feature_dim(network: torch.nn.Module, height: int, width: int, dev: torch.d
 
 def stream_split(network: torch.nn.Module, dst_url: str, split: str, roles: dict, dev: torch.device,
                  opts: EvalOptions, height: int, width: int, dtype: torch.dtype = torch.float32,
-                 writer: FeatureWriter | None = None, part: tuple[int, int] = (0, 1)):
+                 save: tuple[Storage, str, dict] | None = None, part: tuple[int, int] = (0, 1)):
     """Extract and score ``split`` without holding the gallery's features: the queries first, then the
     gallery images that are some query's true match (:attr:`Scorer.matched`; on SYSU-30k the first shard
     or two), then every other gallery image, block by block. Memory: the queries' features and a few
-    batches. ``writer`` receives every feature as it is made. Returns :class:`Scores`.
+    batches. ``save=(storage, rel, metadata)``: every feature is also written, as it is made, to the
+    feature file ``rel``. Returns :class:`Scores`.
 
     ``part=(rank, world)`` under torchrun: every rank embeds the queries and the true matches (the
     thresholds), rank r the r-th share of the other gallery shards; the states are then summed
-    (:meth:`Scorer.reduce`), with the numbers of one process."""
+    (:meth:`Scorer.reduce`), with the numbers of one process. The saved file is too (:func:`_join_parts`)."""
     rank, world = part
     options = LoaderOptions(decoder=opts.decoder, workers=opts.workers, storage_options=opts.storage_options)
     spec = TransformSpec(height=height, width=width, train=False)
 
-    def batches(role: str, keys, share: tuple[int, int] = (0, 1)):
-        loader = EvalLoader(dst_url, "train" if split == "val" else role, opts.batch, spec, options, flip=opts.flip,
-                            keys=frozenset(keys), part=share)
-        return iter_features(network, loader, dev, flip=opts.flip, normalize=opts.normalize, dtype=dtype)
+    def loader(role: str, keys, share: tuple[int, int] = (0, 1)) -> EvalLoader:
+        return EvalLoader(dst_url, "train" if split == "val" else role, opts.batch, spec, options, flip=opts.flip,
+                          keys=frozenset(keys), part=share)
 
-    q = _collect(batches("query", roles["query"]), roles["query"], roles, split)
-    gkeys = roles["gallery"]
-    scorer = Scorer(q.feats, q.pids, q.camids, [roles["pid"][k] for k in gkeys], [roles["camid"][k] for k in gkeys],
-                    q.keys, gkeys, device=dev)
-    matched = [gkeys[i] for i in scorer.matched]
-    m = _collect(batches("gallery", matched), matched, roles, split)
-    scorer.add_matches(scorer.matched, m.feats, count=rank == 0)
-    for fs in (q, m) if writer is not None else ():
-        writer.write(fs.keys, fs.pids, fs.camids, fs.feats)
-    index = {k: i for i, k in enumerate(gkeys)}
-    for feats, keys, _, _ in batches("gallery", set(gkeys).difference(matched), (rank, world)):
-        scorer.add([index[k] for k in keys], feats)
-        if writer is not None:
-            writer.write(keys, [roles["pid"][k] for k in keys], [roles["camid"][k] for k in keys], feats)
-    scorer.reduce()
-    lost = np.flatnonzero(scorer.seen == 0)
-    if len(lost):
-        raise IncompleteSplit(f"{len(lost)} gallery image(s) of the {split} split could not be read (damaged or "
-                              f"missing in the shards), e.g. {gkeys[lost[0]]}: a score without them would not be "
-                              "the split's")
+    def batches(role: str, keys, share: tuple[int, int] = (0, 1)):
+        return iter_features(network, loader(role, keys, share), dev, flip=opts.flip, normalize=opts.normalize,
+                             dtype=dtype)
+
+    with contextlib.ExitStack() as stack:
+        writer = (stack.enter_context(FeatureWriter(_part_rel(save[1], rank, world), save[0], save[2]))
+                  if save is not None else None)
+        q = _collect(batches("query", roles["query"]), roles["query"], roles, split)
+        gkeys = roles["gallery"]
+        scorer = Scorer(q.feats, q.pids, q.camids, [roles["pid"][k] for k in gkeys],
+                        [roles["camid"][k] for k in gkeys], q.keys, gkeys, device=dev)
+        matched = [gkeys[i] for i in scorer.matched]
+        m = _collect(batches("gallery", matched), matched, roles, split)
+        scorer.add_matches(scorer.matched, m.feats, count=rank == 0)
+        for fs in (q, m) if writer is not None and rank == 0 else ():
+            writer.write(fs.keys, fs.pids, fs.camids, fs.feats)
+        index = {k: i for i, k in enumerate(gkeys)}
+        rest = set(gkeys).difference(matched)
+        for feats, keys, _, _ in batches("gallery", rest, (rank, world)):
+            scorer.add([index[k] for k in keys], feats)
+            if writer is not None:
+                writer.write(keys, [roles["pid"][k] for k in keys], [roles["camid"][k] for k in keys], feats)
+        scorer.reduce()
+        lost = np.flatnonzero(scorer.seen == 0)
+        if len(lost):
+            raise IncompleteSplit(f"{len(lost)} gallery image(s) of the {split} split could not be read (damaged or "
+                                  f"missing in the shards), e.g. {gkeys[lost[0]]}: a score without them would not "
+                                  "be the split's")
+    if save is not None and world > 1:
+        _join_parts(*save[:2], part, dev, lambda: [*q.keys, *matched, *_loader_order(loader("gallery", rest))])
     return scorer.result()
+
+
+def _part_rel(rel: str, rank: int, world: int) -> str:
+    """Where rank ``rank`` of ``world`` writes its share of the feature file ``rel`` (``rel`` itself in one
+    process)."""
+    return rel if world == 1 else f"{rel}.rank{rank}-of-{world}"
+
+
+def _join_parts(store: Storage, rel: str, part: tuple[int, int], dev: torch.device, order) -> None:
+    """Once every rank's part of ``rel`` is written, rank 0 joins them into ``rel`` with the rows in the
+    order one process writes them (``order()``: the keys), then removes them. The parts must be on storage
+    that every rank writes to and rank 0 reads (e.g. one machine's disk, or an object store)."""
+    import torch.distributed as dist
+
+    rank, world = part
+    dist.barrier(device_ids=[dev.index] if dist.get_backend() == "nccl" else None)
+    if rank:
+        return
+    parts = [_part_rel(rel, r, world) for r in range(world)]
+    try:
+        unseen = [p for p in parts if not store.exists(p)]
+        if unseen:
+            raise UserError(f"--save-features under torchrun: rank 0 does not see {store.path(unseen[0])}, written "
+                            "by another rank: give an --out that every rank shares")
+        merge_features(store, parts, rel, order())
+        log.info("features: wrote %s (joined from %d ranks)", store.path(rel), world)
+    finally:
+        for p in parts:
+            store.remove(p)
+
+
+def _loader_order(loader: EvalLoader) -> list[str]:
+    """The keys in the order a pass over ``loader`` yields them: torch's DataLoader takes one batch from
+    each worker's stream in turn (a finished stream drops out); each stream holds whole shards in order."""
+    streams = [[k for s in stream for k in loader.catalog[s].key] for stream in loader.streams]
+    b = loader.batch_size
+    rounds = max((len(keys) + b - 1) // b for keys in streams)
+    return [k for r in range(rounds) for keys in streams for k in keys[r * b:(r + 1) * b]]
 
 
 def _collect(batches, keys: list[str], roles: dict, split: str) -> FeatureSet:

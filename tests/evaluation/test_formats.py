@@ -122,7 +122,8 @@ def test_torchvision_weights_are_a_baseline(packed_split, tmp_path):
 
 def test_torchrun_ranks_split_the_gallery_with_one_process_numbers(packed_split, official, tmp_path):
     """Under torchrun (2 CPU ranks, gloo) each rank extracts its own gallery shards; the numbers and the
-    per-query table are those of one process."""
+    per-query table are those of one process, and so is the --save-features file: the same rows in the same
+    order (2 loader workers a rank: their batches interleave), values, schema and metadata; no part is left."""
     from ddp import torchrun_cli
 
     args = ("eval", packed_split, "--checkpoint", official, "--workers", 0, "--batch", 4, "--device", "cpu",
@@ -136,9 +137,21 @@ def test_torchrun_ranks_split_the_gallery_with_one_process_numbers(packed_split,
     assert two["processes"] == 2 and two["metrics"] == one["metrics"]
     a, b = (pq.read_table(tmp_path / d / "per_query.parquet") for d in ("one", "two"))
     assert a.drop_columns(["top_scores"]).equals(b.drop_columns(["top_scores"]))
-    p = subprocess.run([*torchrun_cli(2), *map(str, args), "--out", str(tmp_path / "three"), "--save-features"],
+    saving = ("--batch", 1, "--workers", 2, "--save-features")        # batches of one: the same values bit for bit
+    single = _eval(packed_split, official, tmp_path / "one-saved", "--height", 64, "--width", 32, "--memory-budget",
+                   "1k", *saving)
+    p = subprocess.run([*torchrun_cli(2), *map(str, args + saving), "--out", str(tmp_path / "three")],
                        capture_output=True, text=True, timeout=600, env=ENV)
-    assert p.returncode != 0 and "--save-features under torchrun" in p.stderr
+    assert p.returncode == 0, p.stderr[-3000:]
+    three = json.loads((tmp_path / "three/metrics.json").read_text())
+    assert three["metrics"] == single["metrics"] and three["features"] == single["features"]
+    a, b = (tmp_path / d / single["features"] for d in ("one-saved", "three"))
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert tb.equals(ta) and ta.num_rows == 5 + 17
+    assert pq.read_schema(b).equals(pq.read_schema(a), check_metadata=True)
+    assert pq.read_schema(b).metadata[b"settings"] == pq.read_schema(a).metadata[b"settings"]
+    listing = [sorted(x.name for x in (tmp_path / d).iterdir()) for d in ("one-saved", "three")]
+    assert listing[0] == listing[1]                                    # no part file is left
 
 
 def test_embed_folders_and_shards_score_like_eval(packed_split, tiny_tree, official, tmp_path):

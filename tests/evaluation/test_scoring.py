@@ -260,6 +260,28 @@ def test_bad_inputs():
         score(torch.zeros(2, 3), [1], [1, 1], torch.zeros(4, 3), [1] * 4, [2] * 4)
 
 
+def test_finiteness_from_sums_is_the_element_check():
+    """The non-finite checks decide from sums first: NaN, inf, inf - inf and finite values whose sum overflows
+    give the element-wise answer; huge finite features are not called non-finite, their scores overflow."""
+    from sysu30k.errors import UserError
+    from sysu30k.evaluation.scoring import _all_finite
+
+    rng = np.random.default_rng(7)
+    t = torch.from_numpy(rng.standard_normal((40, 30)).astype(np.float32))
+    t[3, 4], t[7, 0], t[11] = float("nan"), float("inf"), 3e38           # row 11: finite, its sum overflows
+    t[20, :2] = torch.tensor([float("inf"), -float("inf")])
+    t[:, 25] = 3e38                                                       # a column whose sum overflows
+    for dim in (None, 0, 1):
+        want = torch.isfinite(t).all() if dim is None else torch.isfinite(t).all(dim)
+        assert torch.equal(_all_finite(t, dim), want), dim
+    assert bool(_all_finite(torch.full((4, 4), 3e38)))
+    q = torch.nn.functional.normalize(torch.ones(2, 8), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(30, 8), dim=1)
+    g[17] = 3e38                                                          # finite, but q . g[17] is not
+    with pytest.raises(UserError, match="the scores of gallery item 17 overflow"):
+        score(q, [1, 2], [1, 1], g, [1, 2] + [-1000] * 28, [2] * 30, chunk=8)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("direct", [0, 100])
 def test_gpu_matches_reference(monkeypatch, direct):
