@@ -97,3 +97,24 @@ def packed_split(tiny_tree, tmp_path_factory) -> Path:
     run_shard(str(tiny_tree), str(dst), ShardJob(ShardingOptions(shard_count=7)), show_progress=False)
     build_splits(str(dst), scheduler="sync")
     return dst
+
+
+def official_net(classes: int):
+    """A module with the official ft_net's tree (Using_SYSU30k_Test_Set/model.py): what the released
+    net_6.pth's keys are made of, with random weights (torch is imported here, not at collection)."""
+    import torch
+
+    from sysu30k.io.compat import import_torchvision
+
+    class ClassBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Sequential(torch.nn.Linear(2048, classes))
+
+    class FtNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = import_torchvision().models.resnet50(weights=None)
+            self.classifier = ClassBlock()
+
+    return FtNet()

@@ -8,33 +8,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ENV, cli
+from conftest import ENV, cli, official_net
 
 from sysu30k.evaluation import read_features
 from sysu30k.io.compat import import_torchvision
 from sysu30k.model.formats import detect, load_network
 
 
-class _ClassBlock(torch.nn.Module):
-    def __init__(self, classes):
-        super().__init__()
-        self.classifier = torch.nn.Sequential(torch.nn.Linear(2048, classes))
-
-
-class _FtNet(torch.nn.Module):
-    """The official ft_net's module tree (model.py): what its state dict keys are made of."""
-
-    def __init__(self, classes):
-        super().__init__()
-        self.model = import_torchvision().models.resnet50(weights=None)
-        self.classifier = _ClassBlock(classes)
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("official") / "net_6.pth"
-    torch.save(torch.nn.DataParallel(_FtNet(40)).state_dict(), path)
+    torch.save(torch.nn.DataParallel(official_net(40)).state_dict(), path)
     return path
 
 
@@ -62,7 +47,7 @@ def test_detects_the_three_formats_and_refuses_others(official, tmp_path):
         with torch.no_grad():
             got[net.feature] = net.network(x)
     assert got["logits"].shape == (2, 40) and got["pool"].shape == (2, 2048)
-    ref = _FtNet(40)                                  # the same weights through the official forward
+    ref = official_net(40)                                  # the same weights through the official forward
     ref.load_state_dict({k[len("module."):]: v for k, v in state.items()})
     ref.eval()
     with torch.no_grad():

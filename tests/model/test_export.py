@@ -6,13 +6,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, official_net
 
 from sysu30k.errors import UserError
 from sysu30k.evaluation import read_features
 from sysu30k.evaluation.config import EvalOptions
 from sysu30k.evaluation.embed import embed_images
-from sysu30k.io.compat import import_torchvision
 from sysu30k.loader.transforms import normalize_
 from sysu30k.model.config import ExportOptions, ModelConfig
 from sysu30k.model.export import export_onnx
@@ -22,21 +21,6 @@ from sysu30k.model.onnxmodel import load_onnx
 
 SIZE = (64, 32)
 TOLERANCE = 1e-4
-
-
-class _ClassBlock(torch.nn.Module):
-    def __init__(self, classes):
-        super().__init__()
-        self.classifier = torch.nn.Sequential(torch.nn.Linear(2048, classes))
-
-
-class _FtNet(torch.nn.Module):
-    """The official ft_net's module tree: what the released net_6.pth's keys are made of."""
-
-    def __init__(self, classes):
-        super().__init__()
-        self.model = import_torchvision().models.resnet50(weights=None)
-        self.classifier = _ClassBlock(classes)
 
 
 def _random_bn_stats(net: torch.nn.Module) -> None:
@@ -60,7 +44,7 @@ def checkpoints(tmp_path_factory):
         paths[head] = root / f"{head}.pt"
         torch.save({"config": {"model": cfg.to_dict(), "height": SIZE[0], "width": SIZE[1]}, "model": net.state_dict()},
                    paths[head])
-    official = _FtNet(40)
+    official = official_net(40)
     _random_bn_stats(official)
     paths["official"] = root / "net_6.pth"
     torch.save(torch.nn.DataParallel(official).state_dict(), paths["official"])
