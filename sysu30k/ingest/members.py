@@ -179,9 +179,11 @@ def index_path(archive: str) -> str:
     return f"{INDEX_DIR}/{archive.replace('/', '__')}.parquet"
 
 
-def index_archive(src: Storage, archive: str, on_bytes: Callable[[int], None] = lambda _: None) -> ArchiveIndex:
-    """Index ``archive`` (relative to SRC): local preads of LOCAL_BLOCK bytes, or ranged GETs of REMOTE_BLOCK."""
-    size = src.size(archive)
+def index_archive(src: Storage, archive: str, on_bytes: Callable[[int], None] = lambda _: None,
+                  size: int | None = None) -> ArchiveIndex:
+    """Index ``archive`` (relative to SRC; ``size`` bytes when the caller knows it): local preads of LOCAL_BLOCK
+    bytes, or ranged GETs of REMOTE_BLOCK."""
+    size = src.size(archive) if size is None else size
     if src.local:
         with open(src.path(archive), "rb") as f:
             members, damage = scan(lambda pos, n: os.pread(f.fileno(), n, pos), size,
@@ -199,12 +201,13 @@ def save_index(dst: Storage, index: ArchiveIndex) -> None:
     dst.write_table(index_path(index.path), index.members.replace_schema_metadata({"sysu30k": json.dumps(meta)}))
 
 
-def load_index(dst: Storage, archive: str, size: int) -> ArchiveIndex | None:
-    """The index kept for ``archive`` when it was made by this version from an archive of ``size`` bytes."""
+def load_index(dst: Storage, archive: str, size: int, members: bool = True) -> ArchiveIndex | None:
+    """The index kept for ``archive`` when it was made by this version from an archive of ``size`` bytes
+    (without ``members``: only its count, damage and metadata, none of the member rows are read)."""
     rel = index_path(archive)
     if not dst.exists(rel):
         return None
-    table = dst.read_table(rel)
+    table = dst.read_table(rel) if members else dst.read_table(rel, columns=[])
     try:
         meta = json.loads((table.schema.metadata or {})[b"sysu30k"])
     except (KeyError, ValueError):
@@ -212,4 +215,6 @@ def load_index(dst: Storage, archive: str, size: int) -> ArchiveIndex | None:
     if meta.get("version") != INDEX_VERSION or meta.get("archive") != archive or meta.get("bytes") != size:
         return None
     damage = Damage(**meta["damage"]) if meta.get("damage") else None
+    if not members:
+        return ArchiveIndex(archive, size, None, damage, table.num_rows)
     return ArchiveIndex(archive, size, table.replace_schema_metadata(None), damage)

@@ -223,9 +223,10 @@ def _options_for(url: str, options: dict) -> dict:
 
 
 def keep_index(src_url: str, src_options: dict, dst_url: str, dst_options: dict, retry: RetryPolicy,
-               archive: str) -> int:
-    """Index ``archive`` of SRC and keep the index under DST (a task: it returns only the archive's size)."""
-    index = index_archive(Storage(src_url, src_options, retry), archive)
+               archive: str, size: int) -> int:
+    """Index ``archive`` of SRC (``size`` bytes) and keep the index under DST (a task: it returns only the
+    archive's size)."""
+    index = index_archive(Storage(src_url, src_options, retry), archive, size=size)
     save_index(Storage(dst_url, dst_options, retry), index)
     return index.bytes
 
@@ -236,19 +237,19 @@ def index_archives(src: Storage, dst: Storage, runner: Runner, show_progress: bo
     progress in bytes)."""
     archives = find_archives(src)
     sizes = [src.size(a) for a in archives]
-    indexes: list[ArchiveIndex | None] = [load_index(dst, a, n) for a, n in zip(archives, sizes)]
+    indexes: list[ArchiveIndex | None] = [load_index(dst, a, n, members=False) for a, n in zip(archives, sizes)]
     todo = [i for i, index in enumerate(indexes) if index is None]
     with progress(sum(sizes[i] for i in todo), "indexing archives", "B", show_progress and bool(todo)) as bar:
         if runner.in_process:
             for i in todo:
-                index = index_archive(src, archives[i], bar.update)
+                index = index_archive(src, archives[i], bar.update, sizes[i])
                 save_index(dst, index)
                 indexes[i] = index.without_members()
         else:
-            jobs = [(src.url, src.options, dst.url, dst.options, src.policy, archives[i]) for i in todo]
+            jobs = [(src.url, src.options, dst.url, dst.options, src.policy, archives[i], sizes[i]) for i in todo]
             for size in runner.each(keep_index, jobs):
                 bar.update(size)
-    return [(index or load_index(dst, a, n)).without_members() for index, a, n in zip(indexes, archives, sizes)]
+    return [index or load_index(dst, a, n, members=False) for index, a, n in zip(indexes, archives, sizes)]
 
 
 def _damaged(index: ArchiveIndex) -> str:

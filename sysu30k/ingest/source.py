@@ -124,7 +124,7 @@ class Source:
     def __init__(self, storage: Storage, indexes: list[ArchiveIndex],
                  members_of: Callable[[ArchiveIndex], pa.Table] = lambda index: index.members):
         self.storage = storage
-        self.url, self.local = storage.url, storage.local
+        self.url = storage.url
         self.archives = [{"path": i.path, "bytes": i.bytes, "members": i.count,
                           "damage": dataclasses.asdict(i.damage) if i.damage else None} for i in indexes]
         self.duplicates: dict[str, tuple[str, str]] = {}     # path of a copy not packed -> (its folder, why)
