@@ -256,6 +256,10 @@ def eval_(dst: str | None, checkpoint: str | None, query_features: str | None, g
         click.echo(json.dumps(metrics, indent=1))
         return
     click.echo(reports.table(metrics["metrics"]))
+    if "rerank" in metrics:
+        r = metrics["rerank"]
+        click.echo(f"\nre-ranked (k1={r['k1']}, k2={r['k2']}, lambda={r['lambda']}; {r['seconds']:.1f} s):")
+        click.echo(reports.table(r["metrics"]))
     click.echo(f"wrote {out_dir}/ (metrics.json, per_query.parquet, cmc.png, ranked.png)")
 
 

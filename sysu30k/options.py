@@ -29,16 +29,18 @@ _NONE = type(None)
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
         flag: str | None = None, choices: tuple | None = None, min: float | None = None, max: float | None = None,
         min_open: bool = False, max_open: bool = False, metavar: str | None = None, type: click.ParamType | None = None,
-        multiple: bool = False, cli: bool = True, default_note: str | None = None) -> Any:
+        multiple: bool = False, cli: bool = True, default_note: str | None = None,
+        flag_value: str | None = None) -> Any:
     """A dataclass field that is also a command line option.
 
     ``flag`` names the option when it is not ``--field-name``; ``min``/``max`` (``*_open``: exclusive) and
     ``choices`` are checked at the command line and in config files; ``type`` is a Click type for values
     that are not plain scalars; ``cli=False`` keeps the field off the command line; ``default_note`` is
-    shown instead of the default (for a default that is derived, e.g. from another option).
+    shown instead of the default (for a default that is derived, e.g. from another option); ``flag_value``
+    makes the value optional: the bare flag means that value.
     """
     meta = {"help": help, "flag": flag, "choices": choices, "range": (min, max, min_open, max_open), "metavar": metavar,
-            "type": type, "multiple": multiple, "cli": cli, "default_note": default_note}
+            "type": type, "multiple": multiple, "cli": cli, "default_note": default_note, "flag_value": flag_value}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -184,9 +186,10 @@ def cli_options(cls: type, defaults: bool = True, notes: dict[str, str] | None =
                 decl = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
                 option = click.option(decl, name, default=field_default(f) if defaults else None, help=help_text)
             else:
+                optional = {"is_flag": False, "flag_value": meta["flag_value"]} if meta.get("flag_value") else {}
                 option = click.option(flag, name, type=_click_type(f, t), multiple=meta["multiple"],
                                       default=(field_default(f) if defaults and not meta["multiple"] else None),
-                                      metavar=meta["metavar"], help=help_text)
+                                      metavar=meta["metavar"], help=help_text, **optional)
             fn = option(fn)
         return fn
     return decorate

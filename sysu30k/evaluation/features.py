@@ -55,7 +55,8 @@ def iter_features(model: torch.nn.Module, loader, device, flip: bool = True, nor
     """Embed the valid images of ``loader`` (an :class:`~sysu30k.loader.EvalLoader`) with ``model``, batch
     by batch: ``(feats [n, D] float32 on the CPU, keys, pids, camids)``. Damaged images and padding slots
     are dropped (and logged at the end). ``dtype`` is the compute dtype on ``device`` (e.g.
-    ``torch.float16`` on a GPU); features are accumulated in float32."""
+    ``torch.bfloat16``: the model runs under autocast, its weights stay float32); features are summed,
+    normalised and returned in float32."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -69,11 +70,12 @@ def iter_features(model: torch.nn.Module, loader, device, flip: bool = True, nor
                 bar.update(sum(map(bool, batch.keys)))           # damaged images too, not padding slots
                 if not valid.any():
                     continue
-                b = batch.to(device, dtype=dtype)
-                f = _embed(model, b.images).float()
-                if flip:
-                    other = b.flipped if b.flipped is not None else torch.flip(b.images, dims=[3])
-                    f = f + _embed(model, other).float()
+                b = batch.to(device)
+                with autocast(device, dtype):
+                    f = _embed(model, b.images).float()
+                    if flip:
+                        other = b.flipped if b.flipped is not None else torch.flip(b.images, dims=[3])
+                        f = f + _embed(model, other).float()
                 if normalize:
                     f = torch.nn.functional.normalize(f, dim=1)
                 idx = torch.from_numpy(np.flatnonzero(valid))
@@ -95,6 +97,12 @@ def extract_features(model: torch.nn.Module, loader, device, flip: bool = True, 
         return torch.zeros(0, 0), [], np.zeros(0, np.int64), np.zeros(0, np.int64)
     return (torch.cat([p[0] for p in parts]), [k for p in parts for k in p[1]],
             np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision for a half-precision ``dtype`` (inputs and weights stay float32), off for float32."""
+    return torch.autocast(device.type, dtype=dtype if dtype != torch.float32 else None,
+                          enabled=dtype != torch.float32)
 
 
 def _embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

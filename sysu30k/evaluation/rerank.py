@@ -2,9 +2,9 @@
 
 The toolkits' code (torchreid ``utils/rerank.py``, fast-reid) builds (Q+G)² distance, rank and V matrices:
 1.8 TB per float64 matrix at SYSU-30k's 1,000 × 479,730. Here no (Q+G)² or Q × G matrix is ever held (at
-most ``chunk × (Q+G)`` similarities, a ``Q × block`` distance block, the k-NN lists and the sparse V and
-pairs), and V, the query expansion and the Jaccard term are computed only for the rows and pairs that can
-differ from the dense defaults. Time is that of the k-NN pass, O((Q+G)²·D): see (3) below.
+most a ``block × block`` tile of float32 similarities, a ``Q × block`` distance block, the k-NN lists and
+the sparse V and pairs), and V, the query expansion and the Jaccard term are computed only for the rows and
+pairs that can differ from the dense defaults. Time is that of the k-NN pass, O((Q+G)²·D): see (3) below.
 
 **Distance.** D(x, y) = max(0, 2 − 2·x·y) — ‖x − y‖² for the L2-normalised features the evaluator
 uses; the official score is x·y, so with λ = 1 the ranking is the plain one. M_x = max_y D(x, y) over
@@ -24,7 +24,10 @@ belongs to B⁺ = ∪_{k∈S} L_{k1+1}(k) ∪ L_{k1+1}(L_h(k)), found from forwa
 V value on S. (3) V'_j on S is the mean of those rows over L_{k2}(j), so j needs a Jaccard value only if
 L_{k2}(j) meets B = {y ∈ B⁺ : E(y) ∩ S ≠ ∅}. That is a reverse-neighbour condition: whether y is among j's
 k2 nearest depends on j's k2-th distance, i.e. on j's whole row, so every point's L_{k2} is needed — one
-chunked pass over all Q+G rows, (Q+G)²·D multiply-adds, which also gives every L_{k1+1} and M_x.
+pass over the block pairs of all Q+G rows, each pair multiplied once since the matrix is symmetric,
+(Q+G)²·D/2 multiply-adds, which also gives every L_{k1+1} and M_x. A tile keeps only the similarities
+that beat a row's or a column's current K-th (or 2nd lowest) value, so the per-element cost is the
+product and one masked compare.
 (4) Every other pair has d_J = 1, final = (1−λ) + λ·d̃(i, j), computed block by block from the features.
 
 **Exact.** The pass multiplies in float32 (no float64 copy of the gallery) and certifies: per row the
@@ -55,17 +58,20 @@ import torch
 
 from ..errors import UserError
 from ..io.device import resolve_device
+from .config import RERANK_DEFAULT
 from .scoring import TOP_K, Scorer, Scores, auto_chunk
 
 log = logging.getLogger("sysu30k")
 
 MARGIN = 16                  # float32 candidates per row beyond the K needed, recomputed in float64
-ROW_BYTES = 256 << 20        # float32 similarities per chunk of rows in the k-NN pass (4x on a GPU)
+BLOCK = 8192                 # rows per block of the k-NN pass: a block pair is one float32 product (2x on a GPU)
 NORM_TOL = 1e-2              # |‖x‖ − 1| allowed: D = 2 − 2x·y is the squared distance of unit vectors
 _SLOP = 1e-11                # added to ε: covers the float64 rounding of the recomputed values (~1e-13)
 SAME_POINT = 1e-6            # a row max below this: all features are one point, their distances rounding noise
 _PAIR_BYTES = 64 << 20       # gathered float64 feature rows per block of recomputed dot products
 _ROW_BLOCK = 1024            # rows per vectorised k-reciprocal step
+_CERT_ROWS = 4096            # rows per step of the float64 certificate
+_SLOW_BYTES = 256 << 20      # float32 similarities of the rows certified the slow way, made together
 _TRIPLES = 1 << 22           # (query, column, gallery) triples per Jaccard chunk
 _CELLS = 1 << 22             # query rows × candidate gallery items per Jaccard accumulator
 
@@ -150,21 +156,6 @@ def _dots(x: torch.Tensor, parts: list[torch.Tensor], idx: torch.Tensor) -> torc
     return out
 
 
-def _extreme(sims: list[torch.Tensor], offs: list[int], k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidate indices [B, C], bound [B]): the k largest (smallest) float32 similarities of every part;
-    every point left out has a float32 similarity <= (>=) the bound (-inf (+inf) when none is left out)."""
-    idx, bound = [], []
-    for s, off in zip(sims, offs):
-        kk = min(k, s.shape[1])
-        v, i = torch.topk(s, kk, dim=1, largest=largest)
-        idx.append(i + off)
-        inf = float("-inf") if largest else float("inf")
-        bound.append(v[:, -1].double() if s.shape[1] > kk else torch.full((len(s),), inf, dtype=torch.float64,
-                                                                        device=s.device))
-    b = torch.stack(bound, 1)
-    return torch.cat(idx, 1), (b.max(1).values if largest else b.min(1).values)
-
-
 def _rank(idx: np.ndarray, d: np.ndarray, rmax: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The first k of each row's candidates by (d / row max, index): (indices, squared distances)."""
     o = np.lexsort((idx, d / rmax[:, None]), axis=1)[:, :k]
@@ -191,45 +182,125 @@ def _exact_row(x: torch.Tensor, sims: list[torch.Tensor], offs: list[int], parts
     return nbr[0], sq[0], rmax
 
 
+def _blocks(parts: list[torch.Tensor], size: int) -> list[tuple[int, torch.Tensor]]:
+    """(global offset, rows) of consecutive pieces of at most ``size`` rows, none spanning two parts, each
+    part cut into pieces of equal size (within one row): no small last piece with loose first lists."""
+    out, off = [], 0
+    for p in parts:
+        step = -(-len(p) // -(-len(p) // size)) if len(p) else size
+        out += [(off + a, p[a:a + step]) for a in range(0, len(p), step)]
+        off += len(p)
+    return out
+
+
+def _merge(vals: torch.Tensor, idx: torch.Tensor, r: torch.Tensor, c: torch.Tensor, v: torch.Tensor,
+           largest: bool) -> None:
+    """Fold candidates (row r, column c, similarity v) into the running per-row lists ``vals``/``idx``
+    (each row's k best, best first), in place: one top-k over each touched row's list and its new entries."""
+    if len(r) == 0:
+        return
+    k = vals.shape[1]
+    o = torch.argsort(r, stable=True)
+    r, c, v = r[o], c[o], v[o]
+    u, counts = torch.unique_consecutive(r, return_counts=True)
+    at = torch.repeat_interleave(torch.arange(len(u), device=r.device), counts)
+    col = k + torch.arange(len(r), device=r.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    width = k + int(counts.max())
+    pool = torch.full((len(u), width), float("-inf") if largest else float("inf"), device=r.device)
+    ids = torch.full((len(u), width), -1, dtype=torch.int64, device=r.device)
+    pool[:, :k], ids[:, :k] = vals[u], idx[u]
+    pool[at, col], ids[at, col] = v, c
+    best = torch.topk(pool, k, dim=1, largest=largest)
+    vals[u], idx[u] = best.values, ids.gather(1, best.indices)
+
+
+def _candidates(fast: list[torch.Tensor], block: int, kc: int) -> tuple[torch.Tensor, ...]:
+    """(top indices [N, kc], their bound [N], lowest indices [N, 2], their bound [N]) from float32 similarities
+    of every pair, each block pair multiplied once (the matrix is symmetric): every point outside a row's top
+    (lowest) list has a float32 similarity <= (>=) its bound, -inf (+inf) when no point is left out."""
+    device = fast[0].device
+    n = sum(len(p) for p in fast)
+    top = torch.full((n, kc), float("-inf"), device=device)
+    top_i = torch.full((n, kc), -1, dtype=torch.int64, device=device)
+    low = torch.full((n, 2), float("inf"), device=device)
+    low_i = torch.full((n, 2), -1, dtype=torch.int64, device=device)
+    blocks = _blocks(fast, block)
+    for g0, x in blocks:                                        # each row's own block first: full lists
+        s = x @ x.T
+        kk, kl = min(kc, len(x)), min(2, len(x))
+        v, i = torch.topk(s, kk, dim=1)
+        top[g0:g0 + len(x), :kk], top_i[g0:g0 + len(x), :kk] = v, i + g0
+        v, i = torch.topk(s, kl, dim=1, largest=False)
+        low[g0:g0 + len(x), :kl], low_i[g0:g0 + len(x), :kl] = v, i + g0
+    buf = torch.empty(block * block, device=device)             # reused tiles: no page faults per pair
+    mask, tmp = (torch.empty(block * block, dtype=torch.bool, device=device) for _ in range(2))
+    for bi, (g0, x) in enumerate(blocks):
+        for g1, y in blocks[bi + 1:]:
+            shape = (len(x), len(y))
+            s = torch.matmul(x, y.T, out=buf[:len(x) * len(y)].view(shape))
+            m, t = mask[:s.numel()].view(shape), tmp[:s.numel()].view(shape)
+            tr, tc = top[g0:g0 + len(x), -1].contiguous(), top[g1:g1 + len(y), -1].contiguous()
+            lr, lc = low[g0:g0 + len(x), -1].contiguous(), low[g1:g1 + len(y), -1].contiguous()
+            torch.gt(s, tr[:, None], out=m)                     # only what can enter a row's or a column's list
+            for op, bound in ((torch.gt, tc[None, :]), (torch.lt, lr[:, None]), (torch.lt, lc[None, :])):
+                m.logical_or_(op(s, bound, out=t))
+            i, j = m.nonzero(as_tuple=True)
+            v = s[i, j]
+            for vals, ids, br, bc, largest in ((top, top_i, tr, tc, True), (low, low_i, lr, lc, False)):
+                a, b = (v > br[i], v > bc[j]) if largest else (v < br[i], v < bc[j])
+                _merge(vals, ids, torch.cat([g0 + i[a], g1 + j[b]]), torch.cat([g1 + j[a], g0 + i[b]]),
+                       torch.cat([v[a], v[b]]), largest)
+    full_top, full_low = n > kc, n > 2
+    tau = top[:, -1].double() if full_top else torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
+    tau_low = low[:, -1].double() if full_low else torch.full((n,), float("inf"), dtype=torch.float64,
+                                                               device=device)
+    return top_i, tau, low_i, tau_low
+
+
 def neighbours(exact: list[torch.Tensor], norms: torch.Tensor, k: int, chunk: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(L_k [N, k] int64, their squared distances [N, k], row max M [N], rows certified the slow way) of the
     N points of the concatenated ``exact`` parts (one device): exact float64 rankings by (D/M, index) from one
-    float32 pass."""
+    float32 pass over the block pairs (``chunk`` rows a block)."""
     device = exact[0].device
     fast = [p.float() for p in exact]
     offs = np.cumsum([0] + [len(p) for p in exact]).tolist()
     n, dim = offs[-1], exact[0].shape[1]
     eps_all = 1.01 * (dim + 2) * 2.0 ** -24 * norms * float(norms.max()) + _SLOP
-    rows = chunk or int(max(16, min(4096, ROW_BYTES * (4 if device.type != "cpu" else 1) // (4 * n))))
     kc = min(n, k + MARGIN)
     nbr, sq, rmax = np.empty((n, k), np.int64), np.empty((n, k)), np.empty(n)
-    slow = 0
+    slow_rows, slow_mu = [np.zeros(0, np.int64)], [np.zeros(0)]
     with _full_fp32(), torch.inference_mode():
-        for pi, part in enumerate(exact):
-            for a in range(0, len(part), rows):
-                z = min(len(part), a + rows)
-                g0, g1 = offs[pi] + a, offs[pi] + z
-                x = part[a:z].double()
-                sims = [fast[pi][a:z] @ f.T for f in fast]
-                cand, tau = _extreme(sims, offs, kc, largest=True)
-                low, tau_low = _extreme(sims, offs, 2, largest=False)
-                eps = eps_all[g0:g1].to(device)
-                mu = _dots(x, exact, low).min(1).values
-                ok = (tau_low - eps > mu).cpu().numpy()
-                m = (2 - 2 * mu).clamp_(min=0).cpu().numpy()
-                ci = cand.cpu().numpy()
-                d = (2 - 2 * _dots(x, exact, cand)).clamp_(min=0).cpu().numpy()
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    nb, dd = _rank(ci, d, m, k)
-                theta = 1 - dd.max(1) / 2 - eps.cpu().numpy()
-                ok &= (tau.cpu().numpy() < theta) & (m > 0)
-                nbr[g0:g1], sq[g0:g1], rmax[g0:g1] = nb, dd, m
-                for r in np.flatnonzero(~ok):
-                    nbr[g0 + r], sq[g0 + r], rmax[g0 + r] = _exact_row(
-                        x[r:r + 1], [s[r] for s in sims], offs, exact, float(mu[r]), cand[r:r + 1], float(eps[r]), k)
-                slow += int((~ok).sum())
-    return nbr, sq, rmax, slow
+        cands, taus, lows, tau_lows = _candidates(fast, chunk or BLOCK * (2 if device.type != "cpu" else 1), kc)
+        for g0, part in _blocks(exact, _CERT_ROWS):
+            g1 = g0 + len(part)
+            x = part.double()
+            cand, tau, low, tau_low = cands[g0:g1], taus[g0:g1], lows[g0:g1], tau_lows[g0:g1]
+            eps = eps_all[g0:g1].to(device)
+            mu = _dots(x, exact, low).min(1).values
+            ok = (tau_low - eps > mu).cpu().numpy()
+            m = (2 - 2 * mu).clamp_(min=0).cpu().numpy()
+            ci = cand.cpu().numpy()
+            d = (2 - 2 * _dots(x, exact, cand)).clamp_(min=0).cpu().numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                nb, dd = _rank(ci, d, m, k)
+            theta = 1 - dd.max(1) / 2 - eps.cpu().numpy()
+            ok &= (tau.cpu().numpy() < theta) & (m > 0)
+            nbr[g0:g1], sq[g0:g1], rmax[g0:g1] = nb, dd, m
+            bad = np.flatnonzero(~ok)
+            slow_rows.append(g0 + bad)
+            slow_mu.append(mu.cpu().numpy()[bad])
+        rows = np.concatenate(slow_rows)
+        mus = np.concatenate(slow_mu)
+        step = max(1, _SLOW_BYTES // (4 * n))         # slow rows whose float32 similarities are made at once
+        for a in range(0, len(rows), step):
+            r = torch.as_tensor(rows[a:a + step], device=device)
+            x = _gather(exact, r)
+            sims = [x.float() @ f.T for f in fast]     # the float32 rows of the pass, for these rows only
+            for i, g in enumerate(rows[a:a + step].tolist()):
+                nbr[g], sq[g], rmax[g] = _exact_row(x[i:i + 1], [s_[i] for s_ in sims], offs, exact,
+                                                    float(mus[a + i]), cands[g:g + 1], float(eps_all[g]), k)
+    return nbr, sq, rmax, len(rows)
 
 
 def _expansion(nbr: np.ndarray, rows: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -324,13 +395,16 @@ def _min_sums(a: sp.csr_matrix, b: sp.csc_matrix) -> tuple[np.ndarray, np.ndarra
     return tuple(np.concatenate(x) if x else np.zeros(0) for x in (out_i, out_j, out_m))
 
 
-def rerank(query_feats, gallery_feats, k1: int = 20, k2: int = 6, lam: float = 0.3, device=None,
+_K1, _K2, _LAM = RERANK_DEFAULT
+
+
+def rerank(query_feats, gallery_feats, k1: int = _K1, k2: int = _K2, lam: float = _LAM, device=None,
            chunk: int | None = None) -> Reranked:
     """k-reciprocal re-ranking of L2-normalised query and gallery features ([Q, D], [G, D] tensors or arrays)
     with the paper's defaults, exactly as the dense algorithm (module docstring) without its (Q+G)² matrices.
 
     ``device``: where the k-NN pass multiplies (default: the GPU when there is one). ``chunk``: rows per
-    block of that pass (default: 256 MB of float32 similarities, 1 GB on a GPU).
+    block of that pass (default :data:`BLOCK`, twice that on a GPU: a 256 MB or 1 GB float32 tile).
     """
     q, qn = _features(query_feats, "query features")
     g, gn = _features(gallery_feats, "gallery features")
@@ -415,12 +489,15 @@ def score_distances(distances: Callable[[np.ndarray], np.ndarray], query_pids, q
 
 
 def rerank_score(query_feats, query_pids, query_camids, gallery_feats, gallery_pids, gallery_camids,
-                 k1: int = 20, k2: int = 6, lam: float = 0.3, query_keys=None, gallery_keys=None, device=None,
-                 chunk: int | None = None, max_rank: int = 20, top_k: int = TOP_K) -> Scores:
-    """:func:`scoring.score` on the re-ranked distances (:func:`rerank`): the same metrics and tie rule."""
+                 k1: int = _K1, k2: int = _K2, lam: float = _LAM, query_keys=None, gallery_keys=None, device=None,
+                 chunk: int | None = None, max_rank: int = 20, top_k: int = TOP_K) -> tuple[Scores, dict]:
+    """:func:`scoring.score` on the re-ranked distances (:func:`rerank`): the same metrics and tie rule;
+    returns (scores, :attr:`Reranked.stats` with the scoring time as ``score_s``)."""
     if len(np.asarray(gallery_pids).reshape(-1)) != len(gallery_feats):
         raise UserError(f"gallery pids has {len(np.asarray(gallery_pids).reshape(-1))} entries for "
                         f"{len(gallery_feats)} feature rows")
     r = rerank(query_feats, gallery_feats, k1, k2, lam, device=device, chunk=chunk)
-    return score_distances(r.distances, query_pids, query_camids, gallery_pids, gallery_camids, query_keys,
-                           gallery_keys, max_rank=max_rank, top_k=top_k)
+    t0 = time.perf_counter()
+    s = score_distances(r.distances, query_pids, query_camids, gallery_pids, gallery_camids, query_keys,
+                        gallery_keys, max_rank=max_rank, top_k=top_k)
+    return s, {**r.stats, "score_s": time.perf_counter() - t0}

@@ -22,11 +22,12 @@ from ..io.device import distributed, resolve_device
 from ..io.storage import Storage
 from ..loader import EvalLoader, LoaderOptions, TransformSpec, resolve_decoder
 from ..model.formats import load_network
-from .config import EvalOptions
+from .config import PRECISIONS, EvalOptions
 from .features import (
     FeatureFile,
     FeatureSet,
     FeatureWriter,
+    autocast,
     iter_features,
     join_labels,
     join_split,
@@ -35,6 +36,7 @@ from .features import (
     write_features,
 )
 from .reports import write_run
+from .rerank import rerank_score
 from .scoring import Scorer, Scores, auto_chunk, score
 
 log = logging.getLogger("sysu30k")
@@ -70,6 +72,7 @@ def evaluate_features(dst_url: str | None, query_features: str, gallery_features
     with FeatureFile(gallery_features) as gfile:
         need = q.feats.numel() * 4 + gfile.nbytes
         if need > opts.memory_budget:
+            _refuse_rerank(opts, need)
             log.info("features: %.1f GB (--memory-budget %.1f GB): the gallery file is scored as it is read",
                      need / 1e9, opts.memory_budget / 1e9)
             dev = resolve_device(opts.device)
@@ -111,8 +114,7 @@ def score_file(q: FeatureSet, gfile: FeatureFile, dst: Storage | None, split: st
     return s.result()
 
 
-def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalOptions = EvalOptions(),
-                        dtype: torch.dtype = torch.float32) -> dict:
+def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalOptions = EvalOptions()) -> dict:
     """Extract features of ``split`` with the network of ``checkpoint`` (any format of
     :data:`sysu30k.model.FORMATS`), score them, write the run folder; returns metrics.json.
 
@@ -122,10 +124,11 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
     Otherwise the gallery is scored as it is extracted (:func:`stream_split`), the features written only
     with ``opts.save_features``."""
     split = opts.split
+    dtype = getattr(torch, PRECISIONS[opts.precision])
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
         raise UserError(f"no checkpoint at {checkpoint}")
-    rank, world, local_rank = distributed()
+    rank, world, local_rank = distributed(opts.device)
     dev = resolve_device(opts.device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)                  # this rank's GPU for the collectives (Scorer.reduce)
@@ -139,16 +142,21 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
     out = Storage(out_dir)
     dst = Storage(dst_url, opts.storage_options)
     roles = split_roles(dst, split)
-    settings = _feature_settings(sha1, dst, opts, height, width, dtype, loaded.feature)
+    decoder = resolve_decoder(opts.decoder, dev)
+    settings = _feature_settings(sha1, dst, opts, height, width, dtype, loaded.feature, decoder)
     cache_rel = f"features-{split}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}.parquet"
     network = loaded.network.to(dev)
     dim = _feature_dim(network, height, width, dev, dtype)
     need = (len(roles["query"]) + len(roles["gallery"])) * dim * 4
     meta = {"split": split, "dst": dst.url, "checkpoint": str(ckpt_path), "checkpoint_sha1": digest,
             "checkpoint_format": loaded.format, "feature": loaded.feature, "feature_dim": dim, "size": [height, width],
-            "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
+            "decoder": decoder, "flip": opts.flip, "normalize": opts.normalize, "precision": opts.precision,
             "label": ckpt_path.stem}
     file_meta = {"checkpoint": str(ckpt_path), "checkpoint_sha1": digest, "split": split, "settings": settings}
+    if opts.rerank and not opts.normalize:
+        raise UserError("--rerank needs L2-normalised features: drop --no-normalize")
+    if need > opts.memory_budget or world > 1:
+        _refuse_rerank(opts, need, world)
     if need <= opts.memory_budget and world == 1:
         allf = _cached(out, cache_rel, settings, roles)
         if allf is None:
@@ -175,6 +183,16 @@ def evaluate_checkpoint(dst_url: str, checkpoint: str, out_dir: str, opts: EvalO
     return metrics
 
 
+def _refuse_rerank(opts: EvalOptions, need: int, world: int = 1) -> None:
+    """A one-line refusal of ``--rerank`` where the features would be streamed (re-ranking needs them all)."""
+    if not opts.rerank:
+        return
+    if world > 1:
+        raise UserError("--rerank runs in one process (it needs every feature at once): run eval without torchrun")
+    raise UserError(f"--rerank needs the query and gallery features in memory ({need / 1e9:.1f} GB): raise "
+                    f"--memory-budget to at least {need / 1e9:.1f}GB (the re-ranking itself adds about 1 GB)")
+
+
 def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts: EvalOptions) -> dict:
     dev = resolve_device(opts.device)
     chunk = opts.chunk or auto_chunk(len(q), len(g), dev)
@@ -182,16 +200,33 @@ def _score_and_write(q: FeatureSet, g: FeatureSet, out_dir, meta, dst_url, opts:
     s = score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, query_keys=q.keys, gallery_keys=g.keys,
               chunk=chunk, device=dev)
     meta = {**meta, "device": str(dev), "chunk": chunk}
+    if opts.rerank:
+        meta["rerank"] = _reranked(q, g, opts.rerank, dev)
     metrics = write_run(out_dir, s, meta, dst_url=dst_url, show=opts.show, worst=opts.worst,
                         storage_options=opts.storage_options)
     log.info("scored %d queries against %d gallery images in %.1f s", len(q), len(g), time.perf_counter() - t0)
     return metrics
 
 
+def _reranked(q: FeatureSet, g: FeatureSet, params: tuple[int, int, float], dev: torch.device) -> dict:
+    """metrics.json's ``rerank`` section: the k-reciprocal re-ranked metrics of ``q`` against ``g`` (exact,
+    :mod:`sysu30k.evaluation.rerank`), the parameters, the time per stage and the sizes of the sets used."""
+    k1, k2, lam = params
+    t0 = time.perf_counter()
+    log.info("re-ranking %d queries against %d gallery images (k1=%d, k2=%d, lambda=%g)", len(q), len(g), k1, k2, lam)
+    rs, stats = rerank_score(q.feats, q.pids, q.camids, g.feats, g.pids, g.camids, k1, k2, lam, query_keys=q.keys,
+                             gallery_keys=g.keys, device=dev)
+    n_match = int((rs.first_rank >= 0).sum())
+    return {"k1": k1, "k2": k2, "lambda": lam, "metrics": rs.summary(), "cmc": [float(c) for c in rs.cmc],
+            "queries_with_match": n_match, "seconds": round(time.perf_counter() - t0, 3),
+            "stages_s": {k[:-2]: round(v, 3) for k, v in stats.items() if k.endswith("_s")},
+            "sets": {k: v for k, v in stats.items() if not k.endswith("_s")}}
+
+
 def _feature_dim(network: torch.nn.Module, height: int, width: int, dev: torch.device, dtype: torch.dtype) -> int:
     """The length of ``network``'s feature, from one forward pass of a blank image."""
-    with torch.inference_mode():
-        return int(network(torch.zeros(1, 3, height, width, device=dev, dtype=dtype)).flatten(1).shape[1])
+    with torch.inference_mode(), autocast(dev, dtype):
+        return int(network(torch.zeros(1, 3, height, width, device=dev)).flatten(1).shape[1])
 
 
 def stream_split(network: torch.nn.Module, dst_url: str, split: str, roles: dict, dev: torch.device,
@@ -207,7 +242,8 @@ def stream_split(network: torch.nn.Module, dst_url: str, split: str, roles: dict
     thresholds), rank r the r-th share of the other gallery shards; the states are then summed
     (:meth:`Scorer.reduce`), with the numbers of one process. The saved file is too (:func:`_join_parts`)."""
     rank, world = part
-    options = LoaderOptions(decoder=opts.decoder, workers=opts.workers, storage_options=opts.storage_options)
+    options = LoaderOptions(decoder=opts.decoder, workers=opts.workers, storage_options=opts.storage_options,
+                            device=str(dev))
     spec = TransformSpec(height=height, width=width, train=False)
 
     def loader(role: str, keys, share: tuple[int, int] = (0, 1)) -> EvalLoader:
@@ -302,16 +338,16 @@ def _collect(batches, keys: list[str], roles: dict, split: str) -> FeatureSet:
 
 
 def _feature_settings(checkpoint_sha1: str, dst: Storage, opts: EvalOptions, height: int, width: int,
-                      dtype: torch.dtype, feature: str) -> str:
+                      dtype: torch.dtype, feature: str, decoder: str) -> str:
     """Everything that decides a split's features, as canonical JSON: the checkpoint's bytes, the dataset
-    (its split manifest, and its shard list, which holds every tar's sha256), the split, the decoder and the
-    extraction settings. Another DST, a re-split or a re-packed tree gives other settings."""
+    (its split manifest, and its shard list, which holds every tar's sha256), the split, the decoder that
+    runs and the extraction settings. Another DST, a re-split or a re-packed tree gives other settings."""
     def digest(rel: str) -> str | None:
         return hashlib.sha256(dst.read(rel)).hexdigest() if dst.exists(rel) else None
 
     return json.dumps({"checkpoint_sha1": checkpoint_sha1, "split_manifest": digest(manifests.relpath("split")),
                        "shards_manifest": digest(manifests.relpath("shards")), "split": opts.split,
-                       "decoder": resolve_decoder(opts.decoder), "flip": opts.flip, "normalize": opts.normalize,
+                       "decoder": decoder, "flip": opts.flip, "normalize": opts.normalize,
                        "size": [height, width], "dtype": str(dtype), "feature": feature},
                       sort_keys=True)
 
@@ -370,7 +406,7 @@ def extract_split(model: torch.nn.Module, dst_url: str, split: str, roles: dict,
                   dtype: torch.dtype = torch.float32) -> FeatureSet:
     """Features of every query and gallery image of ``split`` (val images live in the training shards),
     in role order; images that cannot be read are left out with a warning."""
-    options = LoaderOptions(decoder=decoder, workers=workers, storage_options=storage_options or {})
+    options = LoaderOptions(decoder=decoder, workers=workers, storage_options=storage_options or {}, device=str(dev))
     spec = TransformSpec(height=height, width=width, train=False)
     parts = []
     for role in ("query", "gallery"):

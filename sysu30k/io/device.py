@@ -36,15 +36,42 @@ def resolve_device(device: str | torch.device | None = "auto", local_rank: int =
     return dev
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world, local rank), starting the process group when torchrun launched us (NCCL with GPUs,
-    gloo without)."""
+def distributed(device: str | None = "auto") -> tuple[int, int, int]:
+    """(rank, world, local rank), starting the process group when torchrun launched us: NCCL, bound to this
+    rank's GPU, when ``device`` resolves to a GPU; gloo for CPU ranks."""
     import os
 
-    import torch
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+        dev = resolve_device(device, local_rank)
+        if dev.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return int(os.environ.get("RANK", "0")), world, local_rank
+
+
+WAIT_HOURS = 24        # how long the other ranks wait while rank 0 validates and writes checkpoints
+_CONTROL = None
+
+
+def wait_for_rank0() -> None:
+    """Every rank meets here after rank 0's validation and checkpoints: a barrier on a gloo group with a
+    ``WAIT_HOURS`` timeout, so no NCCL collective is in flight while they wait and NCCL's watchdog (10
+    minutes by default) cannot kill a long validation. A no-op in one process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    global _CONTROL
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if _CONTROL is None:
+        _CONTROL = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
+    dist.barrier(group=_CONTROL)

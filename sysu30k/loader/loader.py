@@ -24,6 +24,7 @@ from ..split.holdout import excluded_folders, training_bags
 from . import decode_pil
 from .catalog import ShardEntries, assign_streams, load_catalog
 from .config import DECODERS, decoder_field
+from .decode_dali import DEPTH, THREADS, DaliDecoder
 from .groups import GroupSpec, group_batches, plan_group_epoch
 from .sampler import BagIndex, BagSpec, BatchPlan, batches_for, plan_epoch
 from .shards import ShardReader, member
@@ -76,16 +77,26 @@ class LoaderOptions:
     world: int = 1
     storage_options: dict = field(default_factory=dict)
     seed: int = 0
-    normalize: bool | None = None     # float32 from the workers; None: when training on the CPU (no CUDA)
+    normalize: bool | None = None     # float32 from the workers; None: when the batches are for the CPU
+    device: str | None = None         # where the batches go (the training device); None: the GPU when present
+    dali_threads: int = THREADS       # DALI's CPU threads
+    dali_depth: int = DEPTH           # batches DALI decodes ahead
+
+    def target(self) -> torch.device:
+        """The device the batches are for: ``device``, else this rank's GPU when there is one."""
+        from ..io.device import resolve_device
+
+        return resolve_device(self.device)
 
     def normalize_in_workers(self, decoder: str) -> bool:
-        """Pillow batches are normalised by the workers for CPU training; a GPU normalises uint8 itself."""
-        wanted = (not torch.cuda.is_available()) if self.normalize is None else self.normalize
+        """Pillow batches are normalised by the workers for a CPU target; a GPU normalises uint8 itself."""
+        wanted = (self.target().type == "cpu") if self.normalize is None else self.normalize
         return wanted and decoder == "pil"
 
 
-def resolve_decoder(name: str) -> str:
-    """``auto``: DALI when it can decode on a GPU, else Pillow-SIMD (faster than DALI on the CPU)."""
+def resolve_decoder(name: str, device: torch.device | str | None = None) -> str:
+    """``auto``: DALI when it can decode on the GPU the batches are for (``device``; None: the GPU when there
+    is one), else Pillow-SIMD (faster than DALI on the CPU)."""
     if name not in DECODERS:
         from ..errors import UserError
 
@@ -96,7 +107,8 @@ def resolve_decoder(name: str) -> str:
         import nvidia.dali  # noqa: F401
     except ImportError:
         return "pil"
-    return "dali" if torch.cuda.is_available() else "pil"
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "dali" if on_gpu else "pil"
 
 
 def _to_nchw(images: torch.Tensor) -> torch.Tensor:
@@ -125,6 +137,12 @@ def _received(raw: dict, pool: SlotPool) -> torch.Tensor:
 def _as_is(batch: dict) -> dict:
     """DataLoader collate: batches are whole already (image tensors travel through shared memory)."""
     return batch
+
+
+def _data_loader(dataset: torch.utils.data.IterableDataset, workers: int) -> torch.utils.data.DataLoader:
+    """The DataLoader over our streams: whole batches, ``PREFETCH`` per worker."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
 
 
 class _Materializer:
@@ -289,7 +307,8 @@ class TrainLoader:
                exclude_folders: frozenset[int] | None) -> None:
         """Decoder, catalog of the training images (without the held-out folders) and position."""
         self.dst_url, self.transform, self.options = dst_url, transform, options
-        self.decoder = resolve_decoder(options.decoder)
+        self.device = options.target()
+        self.decoder = resolve_decoder(options.decoder, self.device)
         self.raw = self.decoder == "dali"
         self.normalize = options.normalize_in_workers(self.decoder)
         if exclude_folders is None:
@@ -299,7 +318,7 @@ class TrainLoader:
         self.n_workers = max(1, options.workers)
         self.epoch, self.consumed = 0, 0
         self.damaged: list[str] = []
-        self._dali = None
+        self.dali: DaliDecoder | None = None
 
     def _stream(self, sid: int, epoch: int, rng: np.random.Generator) -> tuple[list[int], Iterator[BatchPlan]]:
         """The shards stream ``sid`` reads and its batch plans for ``epoch``."""
@@ -334,13 +353,11 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         pool = None if self.raw else _pool(self.options.workers, self.batch_size, self.transform, self.normalize)
         dataset = _TrainStreams(self, self.epoch, *self._worker_skips(), pool)
-        workers = self.options.workers
-        data = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                           prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
+        data = _data_loader(dataset, self.options.workers)
         if self.consumed == 0:
             self.damaged = []
-        for raw in data:
-            batch = self._finish(raw, pool)
+        for raw, images, failed in self._decoded(data, pool):
+            batch = self._finish(raw, images, failed)
             self.consumed += 1
             self.damaged += batch.damaged
             yield batch
@@ -348,17 +365,29 @@ class TrainLoader:
             log.warning("epoch %d: skipped %d damaged image(s): %s", self.epoch, len(self.damaged),
                         ", ".join(self.damaged[:10]) + (" ..." if len(self.damaged) > 10 else ""))
 
-    def _finish(self, raw: dict, pool: SlotPool | None) -> Batch:
-        if self.raw:
-            from .decode_dali import DaliDecoder
+    @property
+    def pin_memory(self) -> bool:
+        """Pillow batches for a GPU are copied into pinned memory, so that ``Batch.to``'s ``non_blocking``
+        copies are asynchronous (from pageable memory they are synchronous); DALI's are on the GPU already."""
+        return not self.raw and self.device.type == "cuda"
 
-            if self._dali is None:
-                self._dali = DaliDecoder(self.transform, self.batch_size)
-            images, failed = self._dali.decode(raw["datas"], raw["params"], raw["keys"])
+    def _decoded(self, data, pool: SlotPool | None) -> Iterator[tuple[dict, torch.Tensor, list[str]]]:
+        """(raw batch, images uint8 NCHW or normalised float32, keys that failed to decode) per batch: DALI's
+        pipelined stream over the workers' raw batches, or the images the Pillow workers made."""
+        if self.raw:
+            if self.dali is None:
+                self.dali = DaliDecoder(self.transform, self.batch_size, self.device, self.options.dali_threads,
+                                        self.options.dali_depth)
+            yield from self.dali.stream(data)
+            return
+        for raw in data:
+            images = _received(raw, pool)
+            yield raw, _to_nchw(images.pin_memory() if self.pin_memory else images), []
+
+    def _finish(self, raw: dict, images: torch.Tensor, failed: list[str]) -> Batch:
+        if failed:
             raw["damaged"] = sorted(set(raw["damaged"]) | set(failed))
             raw["valid"] = raw["valid"] & np.array([k not in failed for k in raw["keys"]])
-        else:
-            images = _to_nchw(_received(raw, pool))
         return Batch(images=images, keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
                      folder=torch.from_numpy(raw["folder"]), bag=torch.from_numpy(raw["bag"]),
                      bag_labels=torch.from_numpy(raw["bag_labels"]), damaged=raw["damaged"])
@@ -409,6 +438,10 @@ class EvalLoader:
         ``part=(rank, world)`` to rank's share of whole shards (contiguous, balanced by image count)."""
         self.dst_url, self.batch_size, self.options, self.flip = dst_url, batch_size, options, flip
         self.transform = replace(transform, train=False)
+        self.device = options.target()
+        self.decoder = resolve_decoder(options.decoder, self.device)
+        self.raw = self.decoder == "dali"
+        self.dali: DaliDecoder | None = None
         catalog = load_catalog(Storage(dst_url, options.storage_options), subset, keys=keys)
         self.catalog = [catalog[i] for i in assign_streams(catalog, part[1])[part[0]]]
         self.streams = assign_streams(self.catalog, max(1, options.workers))
@@ -418,16 +451,23 @@ class EvalLoader:
                    for s in self.streams)
 
     def __iter__(self) -> Iterator[Batch]:
-        pool = _pool(self.options.workers, self.batch_size, self.transform, normalize=False)
-        workers = self.options.workers
-        data = torch.utils.data.DataLoader(_EvalStreams(self, pool), batch_size=None, num_workers=workers,
-                                           collate_fn=_as_is, prefetch_factor=PREFETCH if workers else None)
-        for raw in data:
-            images = _received(raw, pool)
-            yield Batch(images=_to_nchw(images), keys=raw["keys"], valid=torch.from_numpy(raw["valid"]),
+        pool = None if self.raw else _pool(self.options.workers, self.batch_size, self.transform, normalize=False)
+        data = _data_loader(_EvalStreams(self, pool), self.options.workers)
+        if self.raw:
+            if self.dali is None:
+                self.dali = DaliDecoder(self.transform, self.batch_size, self.device, self.options.dali_threads,
+                                        self.options.dali_depth)
+            decoded = self.dali.stream(data)
+        else:
+            pin = self.device.type == "cuda"
+            decoded = ((raw, _to_nchw(_received(raw, pool).pin_memory() if pin else _received(raw, pool)), [])
+                       for raw in data)
+        for raw, images, failed in decoded:
+            valid = raw["valid"] & np.array([k not in failed for k in raw["keys"]])
+            yield Batch(images=images, keys=raw["keys"], valid=torch.from_numpy(valid),
                         folder=torch.from_numpy(raw["folder"]), pid=torch.from_numpy(raw["pid"]),
-                        camid=torch.from_numpy(raw["camid"]),
-                        flipped=_to_nchw(images.flip(2)) if self.flip else None, damaged=raw["damaged"])
+                        camid=torch.from_numpy(raw["camid"]), flipped=images.flip(3) if self.flip else None,
+                        damaged=sorted(set(raw["damaged"]) | set(failed)))
 
 
 class _EvalStreams(torch.utils.data.IterableDataset):
@@ -440,7 +480,7 @@ class _EvalStreams(torch.utils.data.IterableDataset):
         ld = self.l
         worker = info.id if info is not None else 0
         order = ld.streams[worker]
-        mat = _Materializer(ld.dst_url, ld.options.storage_options, ld.catalog, order, ld.transform, False,
+        mat = _Materializer(ld.dst_url, ld.options.storage_options, ld.catalog, order, ld.transform, ld.raw,
                             ld.options.prefetch_shards, ld.options.cache_dir)
         rows = [(s, r) for s in order for r in range(len(ld.catalog[s]))]
         params = draw_params(ld.batch_size, ld.transform, np.random.default_rng(0))
@@ -450,8 +490,11 @@ class _EvalStreams(torch.utils.data.IterableDataset):
                 shard, row = chunk[:, 0], chunk[:, 1]
                 keys = [ld.catalog[s].key[r] for s, r in zip(shard.tolist(), row.tolist())]
                 datas = mat.payloads(shard, row)
-                sent, damaged = mat.decode_batch(self.pool, worker, shard, row, datas, params, keys,
-                                                 normalize=False)
+                if ld.raw:                                  # DALI decodes in the main process
+                    sent, damaged = {"datas": datas, "params": params}, []
+                else:
+                    sent, damaged = mat.decode_batch(self.pool, worker, shard, row, datas, params, keys,
+                                                     normalize=False)
                 bad = set(damaged) | {k for k, d in zip(keys, datas) if d is None}
                 pick = lambda col: np.array([getattr(ld.catalog[s], col)[r] for s, r in zip(shard, row)], np.int64)
                 yield {**sent, "keys": keys, "valid": np.array([k not in bad for k in keys]),

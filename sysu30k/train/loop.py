@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..errors import UserError
-from ..io.device import distributed, resolve_device
+from ..io.device import distributed, resolve_device, wait_for_rank0
 from ..io.progress import progress
 from ..model import checkpoint
 from .config import RunOptions
@@ -38,7 +37,7 @@ LossFn = Callable[[Callable, object], dict]                   # (forward, batch 
 def start_process(run: RunOptions) -> tuple[int, int, torch.device]:
     """(rank, world, device) of this process: the process group when torchrun launched us, and the
     device ``run`` names, else this rank's GPU when there is one, else the CPU."""
-    rank, world, local_rank = distributed()
+    rank, world, local_rank = distributed(run.device)
     device = resolve_device(run.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -91,7 +90,8 @@ class Session:
             "format": self.fmt, "config": self.config, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "loader": loader.state_dict(), "epoch": epoch, "step": self.step, "best_rank1": self.best,
-            "rng": torch.get_rng_state(), "extra": self.extra})
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+            else [], "extra": self.extra})
 
     def resume(self) -> dict | None:
         """Restore ``out/last.pt`` into model, optimiser, schedule, step, best and extra; returns the
@@ -106,6 +106,9 @@ class Session:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
+        cuda_rng = state.get("cuda_rng") or []             # absent in checkpoints of older versions
+        if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.step, self.best, self.extra = int(state["step"]), state["best_rank1"], state.get("extra", {})
         log.info("resuming %s: epoch %d, batch %d", path, state["loader"]["epoch"] + 1, state["loader"]["consumed"])
         return state["loader"]
@@ -216,8 +219,7 @@ def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total
                                                                if isinstance(v, float)))
             else:
                 loader.set_epoch(epoch + 1)
-            if s.world > 1:
-                dist.barrier()
+            wait_for_rank0()
     finally:
         stop.restore()
     return record

@@ -50,7 +50,7 @@ def train(dst_url: str, out_dir: str, cfg: TrainConfig, run: RunOptions = RunOpt
     loader = TrainLoader(dst_url, BagSpec(cfg.bags, cfg.per_bag, resample=cfg.resample),
                          TransformSpec(height=cfg.height, width=cfg.width, pad=cfg.pad, erase_p=cfg.erase_p),
                          LoaderOptions(decoder=run.decoder, workers=run.workers, rank=rank, world=world,
-                                       seed=cfg.seed, storage_options=run.storage_options))
+                                       seed=cfg.seed, storage_options=run.storage_options, device=str(device)))
     model = build_model(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

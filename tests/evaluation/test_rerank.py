@@ -91,7 +91,7 @@ def test_parameter_variants_match_the_dense_algorithm(k1, k2, lam):
 
 def test_lambda_one_is_the_plain_ranking():
     qf, qp, qc, gf, gp, gc = data(3, 50, 800)
-    assert_same_scores(rerank_score(qf, qp, qc, gf, gp, gc, lam=1.0), score(qf, qp, qc, gf, gp, gc))
+    assert_same_scores(rerank_score(qf, qp, qc, gf, gp, gc, lam=1.0)[0], score(qf, qp, qc, gf, gp, gc))
 
 
 def test_lambda_zero_ties_are_broken_by_the_scorers_rule():

@@ -28,3 +28,41 @@ def test_cpu_is_the_cpu_and_nonsense_is_a_user_error():
 def test_a_gpu_that_is_not_there_is_a_user_error(name):
     with pytest.raises(UserError, match="no GPU"):
         resolve_device(name)
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    import json
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from sysu30k.io import device
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    got = device.distributed("cpu")
+    if rank == 0:
+        time.sleep(2)                                 # rank 0 validating and writing checkpoints
+    t0 = time.perf_counter()
+    device.wait_for_rank0()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"got": got, "backend": dist.get_backend(), "control": dist.get_backend(device._CONTROL),
+                   "waited": time.perf_counter() - t0}, f)
+    dist.destroy_process_group()
+
+
+def test_cpu_ranks_use_gloo_and_wait_for_rank0_outside_the_default_group(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_main, args=(port, str(tmp_path / "r")), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"r.{i}").read_text()) for i in range(2))
+    assert r0["got"] == [0, 2, 0] and r1["got"] == [1, 2, 1]
+    assert r0["backend"] == r1["backend"] == "gloo" and r1["control"] == "gloo"
+    assert r1["waited"] > 1.0 > r0["waited"]          # rank 1 waited for rank 0 in the control group

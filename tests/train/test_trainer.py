@@ -71,6 +71,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(packed, t
     assert proc.returncode == 143, err
     state = load(stopped / "last.pt")
     assert state["loader"]["epoch"] == 0 and 0 < state["loader"]["consumed"]          # stopped mid-epoch 1
+    assert len(state["cuda_rng"]) == torch.cuda.device_count()                      # one state per GPU
     assert cli("train-weak", str(packed), "--out", str(stopped), *args).returncode == 0
     assert same_weights(weights(straight / "last.pt"), weights(stopped / "last.pt"))
     optimizer_state = [load(run / "last.pt")["optimizer"]["state"].keys() for run in (stopped, straight)]

@@ -68,7 +68,7 @@ def train(dst_url: str, out_dir: str, cfg: SSGConfig, run: RunOptions = RunOptio
         raise UserError("SSG++ (--plus-from) annotates one image per cluster: give the labels with --truth")
     rank, world, device = start_process(run)
     options = LoaderOptions(decoder=run.decoder, workers=run.workers, rank=rank, world=world, seed=cfg.seed,
-                            storage_options=run.storage_options)
+                            storage_options=run.storage_options, device=str(device))
     excluded = frozenset(excluded_folders(dst_url, run.storage_options))
     transform = TransformSpec(height=cfg.height, width=cfg.width)
     torch.manual_seed(cfg.seed)
@@ -207,7 +207,8 @@ def train_features(model: torch.nn.Module, dst_url: str, keys: list[str] | None,
     not normalised, as the evaluator's extraction makes them (resize only, SSG.md §2.2)."""
     spec = TransformSpec(height=cfg.height, width=cfg.width, train=False)
     loader = EvalLoader(dst_url, "train", run.eval_batch, spec,
-                        LoaderOptions(decoder=run.decoder, workers=run.workers, storage_options=run.storage_options),
+                        LoaderOptions(decoder=run.decoder, workers=run.workers, storage_options=run.storage_options,
+                                      device=str(device)),
                         flip=True, keys=frozenset(keys) if keys is not None else None)
     feats, got, _, _ = extract_features(model, loader, device, flip=True, normalize=False)
     if keys is None:
