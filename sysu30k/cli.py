@@ -119,7 +119,7 @@ def doctor(as_json: bool) -> None:
         click.echo(json.dumps([r.__dict__ for r in rows], indent=1))
         return
     for r in rows:
-        click.echo(f"{'ok ' if r.ok else '-- '} {r.name:<14} {r.detail}")
+        click.echo(f"{'ok ' if r.ok else '-- '} {r.name:<24} {r.detail}")
 
 
 @cli.command()
