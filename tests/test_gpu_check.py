@@ -14,7 +14,7 @@ def test_smoke_mode_runs_every_stage(packed_split, tmp_path):
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--smoke",
                         "--data", str(packed_split), "--out", str(out), "--workers", "0", "--stages", STAGES,
-                        "--box", "2"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                        "--box", "2", "--budget", "1500"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     st = report["stages"]
@@ -42,3 +42,12 @@ def test_unknown_stages_are_refused(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--stages", "env,warp",
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "unknown stage(s): warp" in p.stderr
+
+
+def test_the_budget_bounds_the_whole_call(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--smoke",
+                        "--stages", "env,score", "--budget", "5", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    st = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert [v["error"] for v in st.values()] == ["skipped: the --budget is spent"] * 2

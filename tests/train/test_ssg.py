@@ -163,8 +163,10 @@ def test_the_source_stage_lowers_its_loss(domains):
 def test_adaptation_clusters_each_iteration_lowers_the_loss_and_evaluates(domains, tmp_path):
     run = tmp_path / "adapt"
     # 4 clusters x 4 images per batch: with 2 x 4 the per-epoch loss of 28 kept images is mostly batch noise
-    # (measured: 1.96, 2.66, 2.28, 4.91 on one machine, falling on another); with 4 x 4 it fell 6.86 -> 1.54.
-    result = cli("train-ssg", str(domains / "tgt"), "--out", str(run), *adapt_args(domains, epochs_per_iteration=4,
+    # (measured: 1.96, 2.66, 2.28, 4.91 on one machine, falling on another). Even with 4 x 4 an epoch of ~25
+    # kept images is one batch, so one epoch's loss is one batch's (AMD EPYC, 10 epochs: 5.68, 4.04, 3.23,
+    # 8.84, 3.39, 2.64, 5.75, 3.51, 4.02, 1.67): compare the halves' means, not two epochs.
+    result = cli("train-ssg", str(domains / "tgt"), "--out", str(run), *adapt_args(domains, epochs_per_iteration=10,
                                                                                      iterations=1, groups=4))
     assert result.returncode == 0, result.stderr
     rounds = records(run, "cluster")
@@ -172,7 +174,7 @@ def test_adaptation_clusters_each_iteration_lowers_the_loss_and_evaluates(domain
     r, n = rounds[0], len((domains / "tgt-raw" / "truth.csv").read_text().splitlines()) - 1
     assert r["images"] == n and 0 < r["kept"] <= n and r["clusters_g"] >= 2 and 0 <= r["nmi"] <= 1
     losses = [e["train_total"] for e in records(run, "epoch")]
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert len(losses) == 10 and np.mean(losses[5:]) < np.mean(losses[:5]), losses
     state = load(run / "last.pt")
     assert state["config"]["model"]["embedding"] == 64 and state["extra"]["labels"].shape == (3, n)
     tb = assert_events_match_metrics(run)
