@@ -17,8 +17,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 #    per worker.
 sysu30k shard "$OUT/download" "$OUT/data" --resize 144 --shard-size 2MB --workers "$WORKERS"
 
-# 3. The official-shaped test split, and a val split of 10 held-out folders (chooses the checkpoint).
-sysu30k split "$OUT/data" --val-folders 10 --val-block 5
+# 3. The official-shaped test split, and a val split of 10 held-out folders, 10 queries from each of its 5 query
+#    folders: 50 queries, enough for rank-1 to choose the checkpoint.
+sysu30k split "$OUT/data" --val-folders 10 --val-block 5 --val-queries 10
 
 # 4. What the trainer is fed, then train (resumes if interrupted) and an untrained copy for comparison.
 sysu30k peek "$OUT/data" --out "$OUT/batch.png" --bags 6 --per-bag 8 --height 128 --width 64 --decoder pil

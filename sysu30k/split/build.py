@@ -30,9 +30,11 @@ among the sorted training folders (2 blocks at least when distractors are asked)
 ``val_distractors`` fraction of the *blocks* (default one half; at least one, and at least one query
 block) gives distractors only: every image a gallery distractor (pid -1000, camid 1). Whole blocks, so a
 distractor folder is never within impurity reach of a query folder. Each folder of a query block with 2
-images or more (query folder) gives one query (camid 2, pid = folder id): the image whose seeded hash
-of its key is smallest, which does not depend on how shards cut the folder; its other images are its
-true matches (gallery, camid 1). Cameras are nominal: training images carry none. Neighbouring query
+images or more (query folder) gives ``val_queries`` queries (default 1; camid 2, pid = folder id): the
+images whose seeded hash of their key is smallest, which does not depend on how shards cut the folder,
+and never all of them; its other images are its true matches (gallery, camid 1). Several queries per
+folder give rank-1 the resolution to rank epochs (50 queries: steps of 2 %) where few folders can be
+held out. Cameras are nominal: training images carry none. Neighbouring query
 folders still share some people, so val labels are as noisy as training labels (some "true matches"
 show a neighbour, some of a query's person sit in the next folder); use val to rank checkpoints, not
 as a test result. :func:`training_bags` gives the bags with every bag touching a held-out or guard
@@ -177,14 +179,25 @@ def _val_part(indices: tuple[int, ...], src: _Source, roles: dict[int, str], see
     return out
 
 
-def _mark_queries(part: pd.DataFrame, best: dict[int, int]) -> pd.DataFrame:
-    """Make the best-scoring image of each query folder its query (camid QUERY_CAMID)."""
+def _query_cutoffs(scores: pd.DataFrame, per_folder: int) -> dict[int, int]:
+    """Per query folder, the highest score that still makes a query: its ``per_folder`` lowest scores, at most
+    all but one image (which stays its true match)."""
+    out = {}
+    for folder, s in scores.groupby("folder")["score"]:
+        ranked = np.sort(s.to_numpy(dtype=np.int64))
+        out[int(folder)] = int(ranked[max(0, min(per_folder, len(ranked) - 1) - 1)])
+    return out
+
+
+def _mark_queries(part: pd.DataFrame, cutoffs: dict[int, int]) -> pd.DataFrame:
+    """Make the images of each query folder scoring at most its cutoff its queries (camid QUERY_CAMID)."""
     part = part.copy()
     # In int64 throughout: a pandas map of the 63-bit scores gives float64 as soon as a partition holds a
     # folder without a query (a distractor folder), and float64 keeps only 53 bits of them.
     folders = part["folder"].to_numpy(dtype=np.int64, na_value=-1)
-    wanted = np.fromiter((best.get(int(f), -1) for f in folders), dtype=np.int64, count=len(folders))
-    pick = (part["score"].to_numpy(dtype=np.int64) == wanted) & ~part["distractor"].to_numpy(dtype=bool)
+    wanted = np.fromiter((cutoffs.get(int(f), -1) for f in folders), dtype=np.int64, count=len(folders))
+    pick = ((part["score"].to_numpy(dtype=np.int64) <= wanted) & (wanted >= 0)
+            & ~part["distractor"].to_numpy(dtype=bool))
     part.loc[pick, "role"] = "query"
     part.loc[pick, "camid"] = QUERY_CAMID
     return part[list(_DTYPES)]
@@ -374,18 +387,18 @@ def _build_test(run: _Runner, dd, src: _Source, groups: list[_Group], expect_mod
     return _Built(rows, counts, findings)
 
 
-def _build_val(run: _Runner, dd, src: _Source, groups: list[_Group], holdout: Holdout, seed: int) -> _Built:
+def _build_val(run: _Runner, dd, src: _Source, groups: list[_Group], holdout: Holdout, seed: int,
+               per_folder: int) -> _Built:
     roles = holdout.roles()
     lo, hi = min(roles), max(roles)
     parts = run.batches([g for g in groups if g.subset in ("train", None)
                          and (g.folders is None or (g.folders[0] <= hi and g.folders[1] >= lo))])
     meta = _empty().assign(score=pd.Series([], dtype="int64"))
     raw = run.persist(dd.from_map(_val_part, parts, args=[src, roles, seed], meta=meta, label="val-rows"))
-    (best,) = run.compute(raw[~raw["distractor"]].groupby("folder")["score"].min(split_out=1))
-    best = {int(f): int(s) for f, s in best.items()}
-    rows = run.persist(raw.map_partitions(_mark_queries, best, meta=_empty()))
+    (scores,) = run.compute(raw[~raw["distractor"]][["folder", "score"]])     # the query folders' images only
+    rows = run.persist(raw.map_partitions(_mark_queries, _query_cutoffs(scores, per_folder), meta=_empty()))
     small, counts = _reduce(run, rows)
-    return _Built(rows, counts, check_split(small, "val"))
+    return _Built(rows, counts, check_split(small, "val", per_folder))
 
 
 # ----------------------------------------------------------------------------- the whole command
@@ -397,8 +410,8 @@ _D = SplitOptions          # the defaults of build_splits are the declarations o
 
 def build_splits(dst_url: str, val_folders: int = _D.val_folders, seed: int = _D.seed, scheduler: str | None = None,
                  strict: bool = _D.strict, expected=_D.expected, val_block: int = _D.val_block,
-                 val_distractors: float = _D.val_distractors, workers: int = _D.workers,
-                 storage_options: dict | None = None) -> dict:
+                 val_distractors: float = _D.val_distractors, val_queries: int = _D.val_queries,
+                 workers: int = _D.workers, storage_options: dict | None = None) -> dict:
     """Build the test (and, with ``val_folders``, the val) split of DST; returns the summary.
 
     See the module doc for the outputs, ``expected``, ``scheduler`` and the val rules. Raises UserError
@@ -446,7 +459,7 @@ def build_splits(dst_url: str, val_folders: int = _D.val_folders, seed: int = _D
                                     .groupby("folder")["n"].sum(split_out=1))
                 holdout = choose_holdout({int(k): int(v) for k, v in fc.items()}, val_folders, seed, val_block,
                                          val_distractors)
-                val = _build_val(run, dd, src, groups, holdout, seed)
+                val = _build_val(run, dd, src, groups, holdout, seed, val_queries)
             findings = test.findings + (val.findings if val else [])
             for f in findings:
                 log.warning("split: %s", f.line())
@@ -463,7 +476,8 @@ def build_splits(dst_url: str, val_folders: int = _D.val_folders, seed: int = _D
                          "gallery": expected_counts[1] if expected_counts else None},
             "splits": {"test": test.counts, **({"val": val.counts} if val else {})},
             "val": {"folders": val_folders, "seed": seed, "block": val_block, "guard": GUARD,
-                    "distractor_fraction": val_distractors, "blocks": [list(b) for b in holdout.blocks],
+                    "distractor_fraction": val_distractors, "queries_per_folder": val_queries,
+                    "blocks": [list(b) for b in holdout.blocks],
                     "query_folders": list(holdout.query), "distractor_folders": list(holdout.distractor),
                     "guard_folders": list(holdout.guard)},
             "training_bags": {"kept": bags_kept, "excluded": bags_total - bags_kept},

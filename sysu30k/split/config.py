@@ -17,8 +17,11 @@ class SplitOptions:
     val_folders: int = opt(0, "Training folders to hold out for a val split (0: test split only).", min=0)
     val_block: int = opt(VAL_BLOCK, f"Held-out folders per contiguous block; each block gets {GUARD} guard folders on "
                          "each side.", min=1)
-    val_distractors: float = opt(0.5, "Fraction of held-out blocks that give only distractors (the rest give one "
-                                 "query per folder).", min=0, max=1, max_open=True)
+    val_distractors: float = opt(0.5, "Fraction of held-out blocks that give only distractors (the rest give "
+                                 "--val-queries queries per folder).", min=0, max=1, max_open=True)
+    val_queries: int = opt(1, "Queries per val query folder: its N images with the lowest seeded hash, at most all "
+                           "but one (the rest are its true matches). Rank-1 that ranks epochs needs >= 50 queries.",
+                           min=1)
     seed: int = opt(0, "Seed of the val folders and val queries.", min=0)
     expected: str = opt("auto", "Counts the test split must have. official: 1,000 queries / 479,730 gallery images; "
                         "auto: official, or a synthetic tree's own counts when the source DST was packed from holds a "

@@ -75,7 +75,8 @@ class Session:
     world: int = 1
     legacy: dict = field(default_factory=dict)
     step: int = 0
-    best: float | None = None
+    best: float | None = None          # best.pt's val rank-1
+    best_map: float | None = None      # and its official mAP (the tie-break)
     extra: dict = field(default_factory=dict)
     net: torch.nn.Module = field(init=False)
     events: EventLog | None = field(init=False, default=None)
@@ -90,6 +91,7 @@ class Session:
             "format": self.fmt, "config": self.config, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "loader": loader.state_dict(), "epoch": epoch, "step": self.step, "best_rank1": self.best,
+            "best_mAP": self.best_map,
             "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
             else [], "extra": self.extra})
 
@@ -110,6 +112,7 @@ class Session:
         if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_rng)
         self.step, self.best, self.extra = int(state["step"]), state["best_rank1"], state.get("extra", {})
+        self.best_map = state.get("best_mAP")              # absent in checkpoints of older versions
         log.info("resuming %s: epoch %d, batch %d", path, state["loader"]["epoch"] + 1, state["loader"]["consumed"])
         return state["loader"]
 
@@ -204,9 +207,9 @@ def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total
             if s.rank == 0:
                 val = _validate(s) if validate(epoch) else None
                 record.update({f"val_{k}": v for k, v in (val or {}).items()})
-                finite = val is not None and math.isfinite(val["rank1"])       # a NaN model never wins best.pt
-                improved = finite and (s.best is None or val["rank1"] > s.best)
-                s.best = val["rank1"] if improved else s.best
+                improved = _better(val, s.best, s.best_map)
+                if improved:
+                    s.best, s.best_map = val["rank1"], val.get("mAP_official")
                 loader.set_epoch(epoch + 1)
                 s.save(s.out / "last.pt", loader, epoch + 1)
                 if s.run.keep_every and (epoch + 1) % s.run.keep_every == 0:
@@ -245,6 +248,17 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = net(images)
     return {k: v.float() for k, v in out.items()}
+
+
+def _better(val: dict | None, rank1: float | None, mAP: float | None) -> bool:
+    """best.pt's rule: the highest val rank-1; on a tie the higher official mAP; on a tie of both the earlier
+    epoch. A NaN (non-finite features, unreadable val images) never wins."""
+    if val is None or not math.isfinite(val["rank1"]):
+        return False
+    if rank1 is None or val["rank1"] != rank1:
+        return rank1 is None or val["rank1"] > rank1
+    new = val.get("mAP_official", math.nan)
+    return math.isfinite(new) and (mAP is None or new > mAP)
 
 
 def _validate(s: Session) -> dict | None:

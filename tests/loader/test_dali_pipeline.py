@@ -128,6 +128,18 @@ def test_auto_on_a_cpu_target_uses_pillow_and_normalises_in_the_workers(packed):
     assert next(iter(loader)).images.dtype == torch.float32
 
 
+def test_pillow_batches_for_a_gpu_come_in_pinned_memory(packed, monkeypatch):
+    # No GPU here: the target is declared CUDA and pin_memory (which needs a CUDA runtime) records its inputs.
+    pinned = []
+    monkeypatch.setattr(LoaderOptions, "target", lambda self: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    loader = TrainLoader(str(packed), SPEC, SMALL, LoaderOptions(workers=0, decoder="pil"))
+    assert loader.decoder == "pil" and loader.pin_memory and not loader.normalize      # a GPU normalises
+    batches = [b.images for b in loader]
+    assert len(pinned) == len(batches) == len(loader) and all(b.dtype == torch.uint8 for b in batches)
+    assert all(p.data_ptr() == b.data_ptr() for p, b in zip(pinned, batches))         # what was pinned is the batch
+
+
 def test_eval_loader_honours_the_dali_decoder(packed, tmp_path):
     spec = TransformSpec(height=64, width=32, train=False)
     pil = list(EvalLoader(str(packed), "gallery", 8, spec, LoaderOptions(workers=0, decoder="pil")))

@@ -267,6 +267,44 @@ def test_val_split(val_packed, scheduler, tmp_path):
     assert s["splits"]["val"]["distractors"] == int(held_images["folder"].isin(v["distractor_folders"]).sum())
 
 
+def test_val_queries_per_folder(val_packed, tmp_path):
+    """--val-queries N: each query folder's N lowest-hash images are queries (a superset of the one-query
+    split's), never all of them; the checks allow N per identity and the CLI passes the option through."""
+    from click.testing import CliRunner
+
+    from sysu30k.cli import cli
+
+    dst = manifests_copy(val_packed, tmp_path)
+    one = build_splits(str(dst), val_folders=6, val_block=3, seed=5, scheduler="sync")
+    q1 = set(split_rows(dst).query("split == 'val' and role == 'query'")["key"])
+    result = CliRunner().invoke(cli, ["split", str(dst), "--val-folders", "6", "--val-block", "3", "--seed", "5",
+                                      "--scheduler", "sync", "--val-queries", "3", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.output)
+    assert s["ok"], s["findings"]
+    assert s["val"]["queries_per_folder"] == 3 and s["val"]["query_folders"] == one["val"]["query_folders"]
+    val = split_rows(dst).query("split == 'val'")
+    q = val[val["role"] == "query"]
+    assert q1 < set(q["key"])
+    counts = val[val["folder"].isin(s["val"]["query_folders"])].groupby("folder")["role"].value_counts().unstack()
+    assert (counts["query"] == np.minimum(3, counts.sum(axis=1) - 1)).all()
+    assert (counts["gallery"] >= 1).all() and s["splits"]["val"]["queries"] == len(q) == int(counts["query"].sum())
+    many = build_splits(str(dst), val_folders=6, val_block=3, seed=5, scheduler="sync", val_queries=1000)
+    assert many["ok"], many["findings"]                               # all but one image of each folder
+    counts = split_rows(dst).query("split == 'val'").groupby("folder")["role"].value_counts().unstack()
+    assert (counts.loc[many["val"]["query_folders"], "gallery"] == 1).all()
+
+
+def test_more_queries_than_allowed_is_named():
+    from sysu30k.split.checks import check_duplicate_queries
+
+    rows = pd.DataFrame({"role": ["query"] * 3 + ["gallery"], "key": list("abcd"), "pid": [7, 7, 7, 7],
+                         "camid": [2, 2, 2, 1], "distractor": [False] * 4, "path": list("abcd")})
+    assert check_duplicate_queries(rows, "val", 3) == []
+    (f,) = check_duplicate_queries(rows, "val", 2)
+    assert f.invariant == "duplicate-query" and "more than 2 queries" in f.line()
+
+
 def test_val_deterministic_by_seed_and_rerun_overwrites(val_packed, scheduler, tmp_path):
     dst = manifests_copy(val_packed, tmp_path)
 

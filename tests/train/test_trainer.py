@@ -2,6 +2,7 @@
 and it runs under torchrun (DDP on CPU with gloo)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -178,3 +179,16 @@ def test_a_non_finite_validation_never_becomes_best_pt(packed, tmp_path, monkeyp
     best = load(tmp_path / "run" / "best.pt")
     assert best["epoch"] == 2 and best["best_rank1"] == 0.5
     assert load(tmp_path / "run" / "last.pt")["best_rank1"] == 0.5
+
+
+def test_best_checkpoint_rule_rank1_then_map_then_earlier():
+    from sysu30k.train.loop import _better
+
+    assert _better({"rank1": 0.4, "mAP_official": 0.1}, None, None)                   # the first finite epoch
+    assert not _better({"rank1": math.nan}, None, None) and not _better(None, 0.4, 0.2)
+    assert _better({"rank1": 0.5, "mAP_official": 0.0}, 0.4, 0.9)                      # rank-1 first
+    assert not _better({"rank1": 0.3, "mAP_official": 0.9}, 0.4, 0.1)
+    assert _better({"rank1": 0.4, "mAP_official": 0.3}, 0.4, 0.2)                      # a tie: the higher mAP
+    assert not _better({"rank1": 0.4, "mAP_official": 0.2}, 0.4, 0.2)                  # both tied: the earlier
+    assert _better({"rank1": 0.4, "mAP_official": 0.2}, 0.4, None)                     # older checkpoints
+    assert not _better({"rank1": 0.4, "mAP_official": math.nan}, 0.4, 0.2)
