@@ -1,7 +1,8 @@
 # ruff: noqa
 """The re-ranking module as of commit b759d24 (``sysu30k/evaluation/rerank.py`` there), kept only as the named
-baseline of ``benchmarks/bench_knn_pass.py``; not used by the package. A verbatim copy, except for this
-paragraph and its relative imports made absolute. Its own docstring follows.
+baseline of ``benchmarks/bench_knn_pass.py``; not used by the package. Its k-NN pass (``neighbours`` and what
+it calls) copied verbatim, the stages after it left out (they did not change and the benchmark does not
+time them), relative imports made absolute. Its own docstring follows.
 
 k-reciprocal re-ranking of the query–gallery distances (Zhong et al. 2017), exact, at full gallery size.
 
@@ -48,57 +49,18 @@ dot product returns them exactly (e_i·s = s_i); the cost is Q² multiply-adds p
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from sysu30k.errors import UserError
-from sysu30k.io.device import resolve_device
-from sysu30k.evaluation.scoring import TOP_K, Scorer, Scores, auto_chunk
-
-log = logging.getLogger("sysu30k")
 
 MARGIN = 16                  # float32 candidates per row beyond the K needed, recomputed in float64
 ROW_BYTES = 256 << 20        # float32 similarities per chunk of rows in the k-NN pass (4x on a GPU)
 NORM_TOL = 1e-2              # |‖x‖ − 1| allowed: D = 2 − 2x·y is the squared distance of unit vectors
 _SLOP = 1e-11                # added to ε: covers the float64 rounding of the recomputed values (~1e-13)
-SAME_POINT = 1e-6            # a row max below this: all features are one point, their distances rounding noise
 _PAIR_BYTES = 64 << 20       # gathered float64 feature rows per block of recomputed dot products
-_ROW_BLOCK = 1024            # rows per vectorised k-reciprocal step
-_TRIPLES = 1 << 22           # (query, column, gallery) triples per Jaccard chunk
-_CELLS = 1 << 22             # query rows × candidate gallery items per Jaccard accumulator
-
-
-@dataclass
-class Reranked:
-    """The re-ranked distances of every query to every gallery item: d_J is stored for the pairs whose
-    V' supports overlap; every other pair has d_J = 1 and is computed from the features when asked."""
-
-    query: torch.Tensor      # [Q, D] float64 on ``device``
-    gallery: torch.Tensor    # [G, D] as given (CPU)
-    qmax: np.ndarray         # M_i: each query's largest squared distance to the Q+G points (float64)
-    jaccard: sp.csc_matrix   # [Q, G] d_J of the overlapping pairs
-    lam: float
-    device: torch.device
-    stats: dict = field(default_factory=dict)   # set sizes and seconds per stage
-
-    def distances(self, gidx) -> np.ndarray:
-        """The final distances [Q, len(gidx)] (float64) of every query to the gallery items ``gidx``."""
-        gidx = np.asarray(gidx, np.int64).reshape(-1)
-        with torch.inference_mode():
-            g = self.gallery[torch.as_tensor(gidx)].to(self.device, torch.float64)
-            d = (2 - 2 * (self.query @ g.T)).clamp_(min=0)
-            od = (d / torch.as_tensor(self.qmax, device=self.device)[:, None]).cpu().numpy()
-        out = 1.0 * (1 - self.lam) + od * self.lam
-        sub = self.jaccard[:, gidx].tocoo()
-        out[sub.row, sub.col] = sub.data * (1 - self.lam) + od[sub.row, sub.col] * self.lam
-        return out
 
 
 def _features(x, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,197 +197,3 @@ def neighbours(exact: list[torch.Tensor], norms: torch.Tensor, k: int, chunk: in
                         x[r:r + 1], [s[r] for s in sims], offs, exact, float(mu[r]), cand[r:r + 1], float(eps[r]), k)
                 slow += int((~ok).sum())
     return nbr, sq, rmax, slow
-
-
-def _expansion(nbr: np.ndarray, rows: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions into ``rows``, columns), sorted by both: the expanded k-reciprocal set E(x) of every row."""
-    n = len(nbr)
-    kf, h = k1 + 1, int(np.around(k1 / 2.0)) + 1
-    keys = []
-    for a in range(0, len(rows), _ROW_BLOCK):
-        x = rows[a:a + _ROW_BLOCK]
-        f = nbr[x, :kf]                                                      # L_{k1+1}(x)        [B, kf]
-        rm = (nbr[f, :kf] == x[:, None, None]).any(2)                        # R(x) as a mask over f
-        rc = nbr[f, :h]                                                      # L_h(c), c in f     [B, kf, h]
-        rcm = (nbr[rc, :h] == f[:, :, None, None]).any(3) & rm[:, :, None]   # R_h(c) over rc, c in R(x)
-        member = ((rc[..., None] == f[:, None, None, :]) & rm[:, None, None, :]).any(3)
-        accept = rm & ((member & rcm).sum(2) > 2.0 / 3 * rcm.sum(2))
-        take = rcm & accept[:, :, None]
-        pos = np.arange(a, a + len(x), dtype=np.int64)
-        keys.append(np.unique(np.concatenate([np.broadcast_to(pos[:, None], f.shape)[rm] * n + f[rm],
-                                              np.broadcast_to(pos[:, None, None], rc.shape)[take] * n + rc[take]])))
-    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-    return key // n, key % n
-
-
-def _pair_sq(rows: np.ndarray, cols: np.ndarray, nbr: np.ndarray, sq: np.ndarray, exact: list[torch.Tensor]
-             ) -> np.ndarray:
-    """Squared distances of the pairs (rows, cols): from the k-NN lists where the pair is in them, else from
-    the features in float64."""
-    n = len(nbr)
-    own = np.unique(rows)
-    key = (own[:, None] * n + nbr[own]).ravel()
-    order = np.argsort(key)
-    key = key[order]
-    want = rows * n + cols
-    pos = np.minimum(np.searchsorted(key, want), len(key) - 1)
-    found = key[pos] == want
-    out = np.empty(len(rows))
-    out[found] = sq[own].ravel()[order[pos[found]]]
-    miss = np.flatnonzero(~found)
-    step = max(1, _PAIR_BYTES // (16 * exact[0].shape[1]))
-    with torch.inference_mode():
-        for a in range(0, len(miss), step):
-            m = miss[a:a + step]
-            r, c = (torch.as_tensor(v, device=exact[0].device) for v in (rows[m], cols[m]))
-            s = (_gather(exact, r) * _gather(exact, c)).sum(1)
-            out[m] = (2 - 2 * s).clamp_(min=0).cpu().numpy()
-    return out
-
-
-def _expansion_lists(nbr: np.ndarray, rows: np.ndarray, k2: int) -> np.ndarray:
-    """[len(rows), k2]: the points whose V rows each row's V' averages, in index order (itself when k2 = 1)."""
-    return rows[:, None] if k2 == 1 else np.sort(nbr[rows, :k2], axis=1)
-
-
-def _averaged(lists: np.ndarray, vrows: np.ndarray, v: sp.csr_matrix, k2: int) -> sp.csr_matrix:
-    """V' = the mean of the V rows named in ``lists`` (rows of V: ``vrows``, sorted), summed in index order;
-    points outside ``vrows`` have no V entry on the columns that matter and are left out of the sum."""
-    pos = np.searchsorted(vrows, lists)
-    ok = pos < len(vrows)
-    ok[ok] = vrows[pos[ok]] == lists[ok]
-    sel = sp.csr_matrix((np.ones(int(ok.sum())), pos[ok], np.concatenate([[0], np.cumsum(ok.sum(1))])),
-                        shape=(len(lists), len(vrows)))
-    out = (sel @ v).tocsr()
-    out.sort_indices()
-    out.data /= k2
-    return out
-
-
-def _min_sums(a: sp.csr_matrix, b: sp.csc_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row of a, row of b, m) for every pair with m = Σ_k min(a_k, b_k) > 0, each sum in ascending k."""
-    nb = b.shape[0]
-    per_entry = np.diff(b.indptr)[a.indices].astype(np.int64)
-    cum = np.concatenate([[0], np.cumsum(per_entry)])
-    row_cum = cum[a.indptr]
-    max_rows = max(1, _CELLS // max(nb, 1))
-    out_i, out_j, out_m = [], [], []
-    r = 0
-    while r < a.shape[0]:
-        z = int(np.searchsorted(row_cum, row_cum[r] + _TRIPLES, side="right")) - 1
-        z = min(a.shape[0], r + max_rows, max(z, r + 1))
-        e0, e1 = a.indptr[r], a.indptr[z]
-        cnt = per_entry[e0:e1]
-        pos = np.repeat(b.indptr[a.indices[e0:e1]] - (cum[e0:e1] - cum[e0]), cnt) + np.arange(cum[e1] - cum[e0])
-        key = np.repeat(np.repeat(np.arange(z - r, dtype=np.int64) * nb, np.diff(a.indptr[r:z + 1])), cnt)
-        key += b.indices[pos]
-        acc = np.bincount(key, weights=np.minimum(np.repeat(a.data[e0:e1], cnt), b.data[pos]),
-                          minlength=(z - r) * nb)
-        nz = np.flatnonzero(acc)
-        out_i.append(r + nz // nb)
-        out_j.append(nz % nb)
-        out_m.append(acc[nz])
-        r = z
-    return tuple(np.concatenate(x) if x else np.zeros(0) for x in (out_i, out_j, out_m))
-
-
-def rerank(query_feats, gallery_feats, k1: int = 20, k2: int = 6, lam: float = 0.3, device=None,
-           chunk: int | None = None) -> Reranked:
-    """k-reciprocal re-ranking of L2-normalised query and gallery features ([Q, D], [G, D] tensors or arrays)
-    with the paper's defaults, exactly as the dense algorithm (module docstring) without its (Q+G)² matrices.
-
-    ``device``: where the k-NN pass multiplies (default: the GPU when there is one). ``chunk``: rows per
-    block of that pass (default: 256 MB of float32 similarities, 1 GB on a GPU).
-    """
-    q, qn = _features(query_feats, "query features")
-    g, gn = _features(gallery_feats, "gallery features")
-    if len(q) == 0 or len(g) == 0:
-        raise UserError(f"nothing to re-rank: {len(q)} queries and {len(g)} gallery items")
-    if q.shape[1] != g.shape[1]:
-        raise UserError(f"query features are {q.shape[1]}-d but gallery features are {g.shape[1]}-d")
-    nq, n = len(q), len(q) + len(g)
-    if not all(isinstance(k, int | np.integer) and not isinstance(k, bool) for k in (k1, k2)):
-        raise UserError(f"k1 and k2 must be integers, got {k1!r} and {k2!r}")
-    if not 1 <= k1 <= n - 1:
-        raise UserError(f"k1 must be between 1 and {n - 1} (the queries and gallery items but one), got {k1}")
-    if not 1 <= k2 <= n:
-        raise UserError(f"k2 must be between 1 and {n} (the queries and gallery items), got {k2}")
-    if not 0 <= lam <= 1:
-        raise UserError(f"lam must be in [0, 1], got {lam}")
-    if chunk is not None and chunk < 1:
-        raise UserError(f"chunk must be positive, got {chunk}")
-    dev = resolve_device(device)
-    exact = [q.to(dev), g.to(dev)]
-    stats: dict = {}
-    t0 = time.perf_counter()
-    nbr, sq, rmax, slow = neighbours(exact, torch.cat([qn, gn]), max(k1 + 1, k2), chunk)
-    if rmax.min() < SAME_POINT:
-        raise UserError("all query and gallery features are the same point (up to rounding): nothing to rank")
-    stats["knn_s"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()                                     # (1)-(3) of the module docstring
-    h = int(np.around(k1 / 2.0)) + 1
-    a_rows = np.unique(_expansion_lists(nbr, np.arange(nq), k2))                # A
-    s_cols = np.unique(_expansion(nbr, a_rows, k1)[1])                         # S
-    b_plus = np.unique(np.concatenate([nbr[s_cols, :k1 + 1].ravel(), nbr[nbr[s_cols, :h], :k1 + 1].ravel()]))
-    vrows = np.union1d(a_rows, b_plus)                                         # A ∪ B⁺: the V rows needed
-    er, ec = _expansion(nbr, vrows, k1)
-    w = np.exp(-(_pair_sq(vrows[er], ec, nbr, sq, exact) / rmax[vrows[er]]))
-    v = sp.csr_matrix((w / np.bincount(er, weights=w, minlength=len(vrows))[er], ec,
-                       np.concatenate([[0], np.cumsum(np.bincount(er, minlength=len(vrows)))])), shape=(len(vrows), n))
-    vq = _averaged(_expansion_lists(nbr, np.arange(nq), k2), vrows, v, k2)
-    in_s = np.zeros(n, bool)
-    in_s[vq.indices] = True
-    keep = in_s[ec]                                              # V on the columns S only
-    vs = sp.csr_matrix((v.data[keep], ec[keep], np.concatenate([[0], np.cumsum(np.bincount(er[keep],
-                       minlength=len(vrows)))])), shape=v.shape)
-    in_b = np.zeros(n, bool)                                     # B: V rows that are nonzero on S
-    in_b[vrows[np.diff(vs.indptr) > 0]] = True
-    lists = _expansion_lists(nbr, np.arange(nq, n), k2)
-    cand = nq + np.flatnonzero(in_b[lists].any(1))               # gallery items whose V' can meet a query's
-    vj = _averaged(lists[cand - nq], vrows, vs, k2)
-    stats.update(v_rows=len(vrows), support=int(in_s.sum()), b_rows=int(in_b.sum()), candidates=len(cand),
-                 slow_rows=slow, v_s=time.perf_counter() - t1)
-
-    t2 = time.perf_counter()
-    qi, jpos, m = _min_sums(vq, vj.tocsc())
-    jac = sp.csc_matrix((1 - m / (2 - m), (qi, cand[jpos] - nq)), shape=(nq, len(g)))
-    stats.update(pairs=int(jac.nnz), jaccard_s=time.perf_counter() - t2)
-    log.debug("rerank: Q=%d G=%d %s", nq, len(g), stats)
-    return Reranked(query=exact[0].double(), gallery=g, qmax=rmax[:nq].copy(), jaccard=jac, lam=float(lam),
-                    device=dev, stats=stats)
-
-
-def score_distances(distances: Callable[[np.ndarray], np.ndarray], query_pids, query_camids, gallery_pids,
-                    gallery_camids, query_keys=None, gallery_keys=None, chunk: int | None = None,
-                    max_rank: int = 20, top_k: int = TOP_K) -> Scores:
-    """Score a query–gallery distance (smaller ranks first) with the official protocol of :class:`Scorer`.
-
-    ``distances(gidx)`` returns the [Q, len(gidx)] distances to those gallery items; it is called block by
-    block (``chunk`` items, default :func:`scoring.auto_chunk`), so the Q × G matrix never has to exist.
-    The per-query table's scores are minus the distances.
-    """
-    nq = len(np.asarray(query_pids).reshape(-1))
-    s = Scorer(torch.eye(nq, dtype=torch.float64), query_pids, query_camids, gallery_pids, gallery_camids,
-               query_keys, gallery_keys, device="cpu", max_rank=max_rank, top_k=top_k)
-    if chunk is not None and chunk < 1:
-        raise UserError("chunk must be positive")
-    chunk = chunk or auto_chunk(nq, s.num_gallery, "cpu")
-    s.add_matches(s.matched, -distances(s.matched).T)
-    rest = np.setdiff1d(np.arange(s.num_gallery), s.matched)
-    for a in range(0, len(rest), chunk):
-        block = rest[a:a + chunk]
-        s.add(block, -distances(block).T)
-    return s.result()
-
-
-def rerank_score(query_feats, query_pids, query_camids, gallery_feats, gallery_pids, gallery_camids,
-                 k1: int = 20, k2: int = 6, lam: float = 0.3, query_keys=None, gallery_keys=None, device=None,
-                 chunk: int | None = None, max_rank: int = 20, top_k: int = TOP_K) -> Scores:
-    """:func:`scoring.score` on the re-ranked distances (:func:`rerank`): the same metrics and tie rule."""
-    if len(np.asarray(gallery_pids).reshape(-1)) != len(gallery_feats):
-        raise UserError(f"gallery pids has {len(np.asarray(gallery_pids).reshape(-1))} entries for "
-                        f"{len(gallery_feats)} feature rows")
-    r = rerank(query_feats, gallery_feats, k1, k2, lam, device=device, chunk=chunk)
-    return score_distances(r.distances, query_pids, query_camids, gallery_pids, gallery_camids, query_keys,
-                           gallery_keys, max_rank=max_rank, top_k=top_k)
