@@ -255,10 +255,12 @@ def _better(val: dict | None, rank1: float | None, mAP: float | None) -> bool:
     epoch. A NaN (non-finite features, unreadable val images) never wins."""
     if val is None or not math.isfinite(val["rank1"]):
         return False
-    if rank1 is None or val["rank1"] != rank1:
-        return rank1 is None or val["rank1"] > rank1
+    if rank1 is None:
+        return True
+    if val["rank1"] != rank1:
+        return val["rank1"] > rank1
     new = val.get("mAP_official", math.nan)
-    return math.isfinite(new) and (mAP is None or new > mAP)
+    return math.isfinite(new) and (mAP is None or not math.isfinite(mAP) or new > mAP)
 
 
 def _validate(s: Session) -> dict | None:

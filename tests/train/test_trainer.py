@@ -192,3 +192,4 @@ def test_best_checkpoint_rule_rank1_then_map_then_earlier():
     assert not _better({"rank1": 0.4, "mAP_official": 0.2}, 0.4, 0.2)                  # both tied: the earlier
     assert _better({"rank1": 0.4, "mAP_official": 0.2}, 0.4, None)                     # older checkpoints
     assert not _better({"rank1": 0.4, "mAP_official": math.nan}, 0.4, 0.2)
+    assert _better({"rank1": 0.4, "mAP_official": 0.1}, 0.4, math.nan)                 # a NaN mAP kept never blocks
