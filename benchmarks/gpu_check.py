@@ -318,7 +318,10 @@ def _train_args(a, out: Path, s: dict) -> list[str]:
 
 
 def stage_torchrun(a) -> dict:
-    """train-weak on every GPU for one short epoch: SIGTERM after the first step, then the same command resumes."""
+    """train-weak on every GPU for one short epoch: SIGTERM after the first step, then the same command resumes.
+
+    The wait for the first step takes up to half the stage's box: a loaded 2-core CI machine needs over a
+    minute to start two CPU ranks, and a SIGTERM before the trainer's handler is installed saves nothing."""
     import torch
 
     s = sizes(a.smoke)
@@ -330,8 +333,10 @@ def stage_torchrun(a) -> dict:
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     log = out / "metrics.jsonl"
-    while time.perf_counter() - t0 < 60 and p.poll() is None and not (log.exists() and '"event": "step"' in
-                                                                      log.read_text()):
+
+    def stepped() -> bool:
+        return log.exists() and '"event": "step"' in log.read_text()
+    while time.perf_counter() - t0 < a.stage_box / 2 and p.poll() is None and not stepped():
         time.sleep(0.2)
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGTERM)
@@ -340,7 +345,8 @@ def stage_torchrun(a) -> dict:
     if (out / "last.pt").exists():                    # the SIGTERM checkpoint: where the epoch stopped
         first["saved_loader"] = torch.load(out / "last.pt", weights_only=True)["loader"]
     t1 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=BOXES["torchrun"] - 30)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       timeout=max(5.0, a.stage_box - (time.perf_counter() - t0) - 5))
     epochs = [json.loads(x) for x in log.read_text().splitlines() if '"epoch"' in x] if log.exists() else []
     return {"ranks": ranks, "interrupted": first, "resumed": {"returncode": r.returncode,
             "seconds": time.perf_counter() - t1, "stderr": r.stderr[-400:]},
@@ -406,7 +412,7 @@ def run_stage(a: argparse.Namespace, name: str, box: float) -> dict:
     """One stage in a child process of its own session, killed with its descendants (torchrun's ranks) after
     ``box`` seconds; its RESULT line, or why there is none."""
     cmd = [sys.executable, __file__, "--child", name, "--out", a.out, "--data", a.data, "--device", a.device,
-           "--workers", str(a.workers), *(["--smoke"] if a.smoke else [])]
+           "--workers", str(a.workers), "--stage-box", str(box), *(["--smoke"] if a.smoke else [])]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -432,6 +438,7 @@ def main() -> None:
                     "to what is left, and stages that would get under 10 s are recorded as skipped")
     ap.add_argument("--build-data", default=None, metavar="DIR", help="write the packed set to DIR and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--stage-box", type=float, default=BOXES["torchrun"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.build_data:
         build_data(a.build_data)

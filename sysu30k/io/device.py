@@ -61,17 +61,40 @@ WAIT_HOURS = 24        # how long the other ranks wait while rank 0 validates an
 _CONTROL = None
 
 
-def wait_for_rank0() -> None:
-    """Every rank meets here after rank 0's validation and checkpoints: a barrier on a gloo group with a
-    ``WAIT_HOURS`` timeout, so no NCCL collective is in flight while they wait and NCCL's watchdog (10
-    minutes by default) cannot kill a long validation. A no-op in one process."""
+def _control_group():
+    """The gloo group with a ``WAIT_HOURS`` timeout for control traffic; None in one process."""
     import datetime
 
     import torch.distributed as dist
 
     global _CONTROL
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+        return None
     if _CONTROL is None:
         _CONTROL = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
-    dist.barrier(group=_CONTROL)
+    return _CONTROL
+
+
+def wait_for_rank0() -> None:
+    """Every rank meets here after rank 0's validation and checkpoints: a barrier on a gloo group with a
+    ``WAIT_HOURS`` timeout, so no NCCL collective is in flight while they wait and NCCL's watchdog (10
+    minutes by default) cannot kill a long validation. A no-op in one process."""
+    import torch.distributed as dist
+
+    group = _control_group()
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a CPU all-reduce on the control group), so ranks that
+    saw a signal at different steps still stop together; ``flag`` itself in one process."""
+    import torch
+    import torch.distributed as dist
+
+    group = _control_group()
+    if group is None:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io.device import distributed, resolve_device, wait_for_rank0
+from ..io.device import any_rank, distributed, resolve_device, wait_for_rank0
 from ..io.progress import progress
 from ..model import checkpoint
 from .config import RunOptions
@@ -191,11 +191,12 @@ def run_epochs(s: Session, loader, first: int, last: int, loss_fn: LossFn, total
                     if s.step % s.run.log_every == 0:
                         s.append({"event": "step", "epoch": epoch, "step": s.step, "lr": s.schedule.get_last_lr()[0],
                                   "images_per_s": seen / (time.perf_counter() - t0), **terms})
-                    if stop.set:
+                    if any_rank(stop.set):             # a signal to any rank stops all at this same batch
                         if s.rank == 0:
                             s.save(s.out / "last.pt", loader, epoch)
                             log.warning("SIGTERM: saved %s at epoch %d, batch %d; rerun the same command to "
                                         "resume", s.out / "last.pt", epoch + 1, loader.consumed)
+                        wait_for_rank0()                 # no rank exits (and has torchrun stop rank 0) mid-save
                         raise SystemExit(EXIT_ON_SIGTERM)
             s.schedule.step()
             batches = max(1, loader.consumed)

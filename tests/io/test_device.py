@@ -48,7 +48,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     device.wait_for_rank0()
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"got": got, "backend": dist.get_backend(), "control": dist.get_backend(device._CONTROL),
-                   "waited": time.perf_counter() - t0}, f)
+                   "waited": time.perf_counter() - t0, "any": [device.any_rank(rank == 1), device.any_rank(False)]}, f)
     dist.destroy_process_group()
 
 
@@ -66,3 +66,4 @@ def test_cpu_ranks_use_gloo_and_wait_for_rank0_outside_the_default_group(tmp_pat
     assert r0["got"] == [0, 2, 0] and r1["got"] == [1, 2, 1]
     assert r0["backend"] == r1["backend"] == "gloo" and r1["control"] == "gloo"
     assert r1["waited"] > 1.0 > r0["waited"]          # rank 1 waited for rank 0 in the control group
+    assert r0["any"] == r1["any"] == [True, False]    # rank 1's flag reaches rank 0

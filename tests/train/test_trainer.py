@@ -149,6 +149,42 @@ def test_torchrun_two_ranks_on_cpu(packed, tmp_path):
     assert len(event_files(run)) == 1 and assert_events_match_metrics(run)          # rank 0's events only
 
 
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun ``launcher``'s worker with RANK ``rank`` (its children, read from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == launcher else []
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_batch_and_resumes_exactly(packed, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = ["--epochs", "2", "--log-every", "1", *ARGS]
+    ddp = [*torchrun_cli(2), "train-weak", str(packed)]
+    done = subprocess.run([*ddp, "--out", str(straight), *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen([*ddp, "--out", str(stopped), *args], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    log = stopped / "metrics.jsonl"
+    while time.monotonic() < deadline and not (log.exists() and '"event": "step"' in log.read_text()):
+        time.sleep(0.01)
+    pid = _rank_pid(proc.pid, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)                    # rank 1 only: rank 0 never sees a signal
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "SIGTERM: saved" in err, err[-2000:]
+    state = load(stopped / "last.pt")
+    assert state["loader"]["epoch"] == 0 and 0 < state["loader"]["consumed"]          # mid-epoch 1, saved by rank 0
+    resumed = subprocess.run([*ddp, "--out", str(stopped), *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(weights(straight / "last.pt"), weights(stopped / "last.pt"))
+
+
 def test_a_non_finite_validation_never_becomes_best_pt(packed, tmp_path, monkeypatch):
     """A diverged epoch's features are NaN, and NaN scored rank-1 = 1.0 before; now such an epoch is recorded
     (val_rank1 null) and never kept as best.pt, before or after a finite one."""
