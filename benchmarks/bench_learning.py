@@ -50,9 +50,10 @@ def _sysu30k() -> list[str]:
 # --------------------------------------------------------------------------------------------- data
 def build_data(args, seed: int, base: Path) -> Path:
     """synth → shard → split for ``seed``; reused when it already exists with the same settings."""
-    tree, dst = base / f"tree-s{seed}", base / f"dst-s{seed}"
+    name = f"s{seed}-style{args.style}-imp{args.impurity:g}"
+    tree, dst = base / f"tree-{name}", base / f"dst-{name}"
     spec = {"folders": args.folders, "images_per_folder": args.images_per_folder, "test_ids": args.test_ids,
-            "distractors": args.distractors, "impurity": args.impurity, "seed": seed}
+            "distractors": args.distractors, "impurity": args.impurity, "style": args.style, "seed": seed}
     stamp = dst / "bench_data.json"
     if stamp.exists() and json.loads(stamp.read_text()) == spec:
         return dst
@@ -61,7 +62,8 @@ def build_data(args, seed: int, base: Path) -> Path:
     env = _env()
     subprocess.run(_nice([*_sysu30k(), "synth", str(tree), "--folders", str(args.folders), "--images-per-folder",
                           str(args.images_per_folder), "--test-ids", str(args.test_ids), "--distractors",
-                          str(args.distractors), "--impurity", str(args.impurity), "--seed", str(seed),
+                          str(args.distractors), "--impurity", str(args.impurity), "--style", str(args.style),
+                          "--seed", str(seed),
                           "--height", "144", "--workers", "2"]), check=True, env=env)
     subprocess.run(_nice([*_sysu30k(), "shard", str(tree), str(dst), "--shard-size", "2MB", "--workers", "2"]),
                    check=True, env=env)
@@ -115,8 +117,9 @@ def child(args) -> None:
     import torch
 
     from sysu30k.evaluation.run import evaluate_split
+    from sysu30k.model import checkpoint
     from sysu30k.model.config import ModelConfig
-    from sysu30k.model.network import build_model, checkpoint
+    from sysu30k.model.network import build_model
     from sysu30k.train.config import LossWeights, RunOptions, TrainConfig
     from sysu30k.train.weak import train
 
@@ -239,6 +242,7 @@ def main() -> None:
     p.add_argument("--test-ids", type=int, default=100)
     p.add_argument("--distractors", type=int, default=200)
     p.add_argument("--impurity", type=float, default=0.3)
+    p.add_argument("--style", type=int, default=0, help="synth's visual style (camera casts, backgrounds)")
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--epochs", type=int, default=12)
@@ -314,7 +318,8 @@ def main() -> None:
             return {"seed": seed, "method": method, "failed": "no result"}
         rec = json.loads(res.read_text())
         if args.rediag:
-            from sysu30k.model.network import build_model, checkpoint
+            from sysu30k.model import checkpoint
+            from sysu30k.model.network import build_model
             state = checkpoint.load(runs / f"s{seed}-{method}" / "last.pt")
             model = build_model(state["config"]["model"])
             model.load_state_dict(state["model"])
@@ -334,7 +339,7 @@ def main() -> None:
     import torch
     doc = {"argv": sys.argv, "seeds": seeds, "methods": methods, "hyper_parameters": hp,
            "data": {k: getattr(args, k) for k in ("folders", "images_per_folder", "test_ids", "distractors",
-                                                   "impurity")},
+                                                   "impurity", "style")},
            "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                        "loadavg_end": os.getloadavg()},
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
