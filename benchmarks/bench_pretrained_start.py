@@ -28,12 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--arch", "resnet18", "--embedding", "256", "--height", "64", "--width", "32", "--device", "cpu",
         "--decoder", "pil", "--workers", "1", "--no-tensorboard"]
-# name: (config file, from the pretrained file?, extra options)
-RUNS = {"start (epochs 0)": ("gpu-dgl.toml", True, ["--epochs", "0"]),
-        "gpu-dgl, scratch": ("gpu-dgl.toml", False, []),
-        "gpu-dgl, pretrained": ("gpu-dgl.toml", True, []),
-        "gpu-unary, pretrained": ("gpu-unary.toml", True, []),
-        "train-cpu (dgl), pretrained": ("train-cpu.toml", True, [])}
+# name: (config file, from the pretrained file?, extra options); "start" is the pretrained network untrained here
+RUNS = {"start": ("gpu-dgl.toml", True, ["--epochs", "0"]),
+        "gpu-dgl-scratch": ("gpu-dgl.toml", False, []),
+        "gpu-dgl-pretrained": ("gpu-dgl.toml", True, []),
+        "gpu-unary-pretrained": ("gpu-unary.toml", True, []),
+        "train-cpu-pretrained": ("train-cpu.toml", True, [])}
 
 
 def sysu30k(*args: str, log: Path | None = None) -> None:
@@ -88,7 +88,7 @@ def pretrain(a, base: Path) -> Path:
 def one(a, base: Path, weights: Path, target: Path, name: str) -> dict:
     """Train one recipe on one target and score its last checkpoint on the test split."""
     toml, pre, extra = RUNS[name]
-    run = base / "runs" / target.name / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    run = base / "runs" / target.name / name
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     sysu30k("train-weak", str(target), "--out", str(run), "--config", str(ROOT / "pipelines" / toml), *SIZE,
