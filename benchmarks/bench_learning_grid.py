@@ -33,7 +33,7 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, float("nan"), float("nan")
-    half = t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    half = float(t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
     return m, m - half, m + half
 
 

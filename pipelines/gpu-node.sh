@@ -12,6 +12,8 @@ RAW=$1 OUT=$2 WEIGHTS=${4:-}
 GPUS=${3:-$(python -c 'import torch; print(torch.cuda.device_count())')}
 [ "$GPUS" -ge 1 ] || { echo "gpu-node.sh: no GPU visible to torch (give GPUS or use pipelines/train-cpu.sh)" >&2; exit 2; }
 PRETRAINED=(); [ -n "$WEIGHTS" ] && PRETRAINED=(--pretrained "$WEIGHTS")
+# From random weights the paper settings collapsed the features in BENCHMARKS.md's check; say so up front.
+[ -n "$WEIGHTS" ] || echo "gpu-node.sh: no IMAGENET_WEIGHTS: training starts from random weights, where the paper settings collapsed (BENCHMARKS.md)" >&2
 CPUS=$(nproc)
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
