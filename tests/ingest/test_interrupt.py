@@ -34,6 +34,12 @@ def tree(tmp_path_factory):
 INTERRUPTED: list[int] = []
 
 
+def sigint_at_default() -> None:
+    """In the child before exec: a suite started in the background (``cmd &`` in a script) ignores SIGINT, the
+    child would inherit that and Python would install no Ctrl-C handler, so SIGINT runs would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def left_behind(dst) -> list[psutil.Process]:
     """Processes whose command line names ``dst`` (forked workers carry their parent's)."""
     out = []
@@ -53,7 +59,8 @@ def test_an_interrupt_stops_every_worker_and_the_rerun_completes(tree, tmp_path,
     args = shard_args(src, dst)
     delay = random.Random(seed).uniform(0.0, 0.7) * seconds     # planning, packing or publishing
     for _ in range(3):             # a run that finished first (the machine got faster) is retried sooner
-        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=sigint_at_default)
         deadline = time.monotonic() + 60
         while not (dst / "_lock.json").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)                      # the run holds DST: past Python's start-up, handlers set
