@@ -262,6 +262,8 @@ def main() -> None:
     p.add_argument("--erase-p", type=float, default=0.5)
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="children run at once (each under nice -n 19)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a finished run trained with these hyper-parameters on the same data (resume a grid)")
     p.add_argument("--from-runs", action="store_true", help="no training: summarise runs/<tag>/ as it is")
     p.add_argument("--rediag", action="store_true", help="with --from-runs: recompute the train-image diagnostics")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -294,6 +296,11 @@ def main() -> None:
     def run_one(job):
         seed, method, dst = job
         res = runs / f"s{seed}-{method}.json"
+        if args.reuse and res.exists():
+            rec = json.loads(res.read_text())
+            if rec.get("hyper_parameters") == hp and rec.get("dst") == str(dst):
+                print(f"seed {seed} {method}: reused (rank-1 {rec['test']['rank1']})", flush=True)
+                return rec
         res.unlink(missing_ok=True)
         cmd = _nice([sys.executable, str(Path(__file__).resolve()), "--child", "--method", method,
                      "--dst", str(dst), "--run-dir", str(runs / f"s{seed}-{method}"), "--result", str(res),
@@ -305,7 +312,7 @@ def main() -> None:
             print(f"seed {seed} {method}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
             return {"seed": seed, "method": method, "failed": proc.stderr[-3000:]}
         rec = json.loads(res.read_text())
-        rec.update(seed=seed, child_wall_s=wall, parallel_jobs=args.jobs)
+        rec.update(seed=seed, child_wall_s=wall, parallel_jobs=args.jobs, hyper_parameters=hp)
         res.write_text(json.dumps(rec, indent=1))
         print(f"seed {seed} {method}: {proc.stdout.strip().splitlines()[-1]} (wall {wall:.0f} s)", flush=True)
         return rec

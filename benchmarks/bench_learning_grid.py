@@ -157,7 +157,7 @@ def main() -> None:
                 if len(done) < len(seeds) * len(METHODS):             # absent, or with failed runs: (re)train
                     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learning.py"), "--seeds",
                                     a.seeds, "--out", str(out), "--tag", tag(style, imp), "--style", str(style),
-                                    "--impurity", str(imp), *recipe],
+                                    "--impurity", str(imp), "--reuse", *recipe],
                                    check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     summaries = {}
     for style in styles:

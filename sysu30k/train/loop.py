@@ -109,8 +109,12 @@ class Session:
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         cuda_rng = state.get("cuda_rng") or []             # absent in checkpoints of older versions
-        if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cuda_rng and len(cuda_rng) == gpus:
             torch.cuda.set_rng_state_all(cuda_rng)
+        elif cuda_rng:
+            log.warning("%s holds the random state of %d GPU(s) and this process sees %d: GPU random draws after "
+                        "the resume differ from an uninterrupted run", path, len(cuda_rng), gpus)
         self.step, self.best, self.extra = int(state["step"]), state["best_rank1"], state.get("extra", {})
         self.best_map = state.get("best_mAP")              # absent in checkpoints of older versions
         log.info("resuming %s: epoch %d, batch %d", path, state["loader"]["epoch"] + 1, state["loader"]["consumed"])

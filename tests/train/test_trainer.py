@@ -128,6 +128,18 @@ def test_a_checkpoint_from_before_the_optimiser_variants_resumes_as_it_was_train
     assert len(records(run, "epoch")) == 1                                    # resumed: nothing left to train
 
 
+def test_gpu_random_states_that_cannot_be_restored_are_said(packed, tmp_path):
+    """A run resumed on another number of GPUs (here: a CPU) cannot restore their RNG states: one warning line."""
+    run = tmp_path / "run"
+    assert cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS).returncode == 0
+    state = load(run / "last.pt")
+    state["cuda_rng"] = [torch.get_rng_state()] * (torch.cuda.device_count() + 1)     # one GPU more than here
+    save(run / "last.pt", state)
+    resumed = cli("train-weak", str(packed), "--out", str(run), "--epochs", "1", *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"random state of {torch.cuda.device_count() + 1} GPU(s)" in resumed.stderr
+
+
 def test_a_config_file_trains_what_it_says_and_flags_override_it(packed, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('method = "folder"\nper_bag = 5\nlr = 0.002\nepochs = 3\n')
