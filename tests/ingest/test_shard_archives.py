@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from conftest import cli, tree_digest
 from sysu30k.errors import UserError
 from sysu30k.ingest import shard as shard_mod
 from sysu30k.ingest.config import ImageOptions, ShardingOptions, ShardJob
-from sysu30k.ingest.members import BAD_NAME, DIR, FILE, OTHER, scan
+from sysu30k.ingest.members import BAD_NAME, DIR, FILE, OTHER, _checksum_ok, scan
 from sysu30k.ingest.shard import run_shard
 from sysu30k.release.constants import BAG_LABEL_JSON, META_DIR
 from sysu30k.synth.release import package_release
@@ -352,6 +353,50 @@ def test_an_archive_without_its_end_blocks_is_damage():
     data += b"\0" * (-len(data) % 512)
     table, damage = scan(lambda pos, n: data[pos:pos + n], len(data), lambda: io.BytesIO(data))
     assert damage is not None and damage.offset == len(data) and table.num_rows == 5
+
+
+def _with_checksum(header: bytes) -> bytes:
+    """``header`` with its checksum field rewritten as tar writes it."""
+    header = header[:148] + b" " * 8 + header[156:]
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+
+
+def test_the_fast_checksum_is_the_exact_byte_sum():
+    """ASCII headers take the adler-32 path, others the plain sum: both must agree with tar's rule on valid,
+    corrupted, high-byte and off-by-one headers."""
+    rng = random.Random(5)
+    base = _with_checksum(tarfile.TarInfo("sysu_train_set_all/0000000001/0000000001_000001.jpg").tobuf()[:512])
+    verdicts = []
+    for i in range(3000):
+        h = bytearray(base)
+        for _ in range(rng.randrange(0, 4)):
+            h[rng.randrange(512)] = rng.randrange(256) if i % 3 == 0 else rng.randrange(128)
+        h = bytes(h) if i % 2 else _with_checksum(bytes(h))
+        if i % 5 == 0:                          # a stored value off by one, or by adler-32's modulus
+            h = h[:148] + b"%06o\0 " % (int(h[148:154], 8) + rng.choice((1, -1, 65521))) + h[156:]
+        try:
+            exact = sum(h) - sum(h[148:156]) + 256 == int(h[148:156].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            exact = False
+        assert _checksum_ok(h) == exact, (i, h)
+        verdicts.append(exact)
+    assert 300 < sum(verdicts) < 2700                    # both outcomes are exercised, ASCII or not
+
+
+def test_a_size_field_that_is_not_octal_is_damage_not_a_traceback():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for i in range(3):
+            info = tarfile.TarInfo(f"sysu_train_set_all/0000000001/{i}.jpg")
+            info.size = 10
+            t.addfile(info, io.BytesIO(b"x" * 10))
+    data = bytearray(buf.getvalue())
+    second = 512 + 512
+    data[second:second + 512] = _with_checksum(bytes(data[second:second + 124]) + b"0000000009x\0"
+                                               + bytes(data[second + 136:second + 512]))
+    data = bytes(data)
+    table, damage = scan(lambda pos, n: data[pos:pos + n], len(data), lambda: io.BytesIO(data))
+    assert table.num_rows == 1 and damage.offset == second and "size field" in damage.reason
 
 
 def test_windows_merge_ranges_in_any_order():
