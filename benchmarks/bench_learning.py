@@ -170,6 +170,7 @@ def child(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ summary
+TUNED = ("bags", "per_bag", "lr")           # what bench_learning_tune.py chooses per method
 HP = ("height", "width", "epochs", "warmup_epochs", "erase_p", "bags", "per_bag", "optimizer", "lr", "head_lr_mult",
       "weight_decay", "lr_steps", "embedding", "w_pairwise", "w_triplet", "sigma", "margin", "train_seed")
 
@@ -262,6 +263,8 @@ def main() -> None:
     p.add_argument("--erase-p", type=float, default=0.5)
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="children run at once (each under nice -n 19)")
+    p.add_argument("--tuned", help="bench_learning_tune.py's tuned.json: each method listed there trains with its own "
+                                    "bags, per-bag and lr (the others with the options given)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a finished run trained with these hyper-parameters on the same data (resume a grid)")
     p.add_argument("--from-runs", action="store_true", help="no training: summarise runs/<tag>/ as it is")
@@ -285,6 +288,8 @@ def main() -> None:
     runs = out / "runs" / args.tag
     runs.mkdir(parents=True, exist_ok=True)
     hp = {k: getattr(args, k) for k in HP}
+    tuned = json.loads(Path(args.tuned).read_text()) if args.tuned else {}
+    per_method = {m: {**hp, **{k: tuned[m][k] for k in TUNED if m in tuned}} for m in methods}
     t_start = time.time()
     jobs = []
     for seed in seeds:
@@ -298,13 +303,13 @@ def main() -> None:
         res = runs / f"s{seed}-{method}.json"
         if args.reuse and res.exists():
             rec = json.loads(res.read_text())
-            if rec.get("hyper_parameters") == hp and rec.get("dst") == str(dst):
+            if rec.get("hyper_parameters") == per_method[method] and rec.get("dst") == str(dst):
                 print(f"seed {seed} {method}: reused (rank-1 {rec['test']['rank1']})", flush=True)
                 return rec
         res.unlink(missing_ok=True)
         cmd = _nice([sys.executable, str(Path(__file__).resolve()), "--child", "--method", method,
                      "--dst", str(dst), "--run-dir", str(runs / f"s{seed}-{method}"), "--result", str(res),
-                     *[x for k in HP for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]])
+                     *[x for k, v in per_method[method].items() for x in (f"--{k.replace('_', '-')}", str(v))]])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -312,7 +317,7 @@ def main() -> None:
             print(f"seed {seed} {method}: FAILED (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
             return {"seed": seed, "method": method, "failed": proc.stderr[-3000:]}
         rec = json.loads(res.read_text())
-        rec.update(seed=seed, child_wall_s=wall, parallel_jobs=args.jobs, hyper_parameters=hp)
+        rec.update(seed=seed, child_wall_s=wall, parallel_jobs=args.jobs, hyper_parameters=per_method[method])
         res.write_text(json.dumps(rec, indent=1))
         print(f"seed {seed} {method}: {proc.stdout.strip().splitlines()[-1]} (wall {wall:.0f} s)", flush=True)
         return rec
@@ -344,7 +349,7 @@ def main() -> None:
     summary, table = summarise(results, methods, seeds)
     sources = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((ROOT / "sysu30k").rglob("*.py"))}
     import torch
-    doc = {"argv": sys.argv, "seeds": seeds, "methods": methods, "hyper_parameters": hp,
+    doc = {"argv": sys.argv, "seeds": seeds, "methods": methods, "hyper_parameters": hp, "per_method": per_method,
            "data": {k: getattr(args, k) for k in ("folders", "images_per_folder", "test_ids", "distractors",
                                                    "impurity", "style")},
            "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
