@@ -33,14 +33,14 @@ def tag(comp: str, lr: str) -> str:
 
 
 def results(out: Path, comp: str, lr: str) -> dict:
-    """{method: [rank-1 % per tuning seed]} of one configuration's finished runs."""
-    f = out / f"results-{tag(comp, lr)}.json"
-    if not f.exists():
-        return {}
+    """{method: [rank-1 % per tuning seed]} of one configuration's finished runs (their own records: a
+    results file holds only the methods of the call that wrote it last)."""
     by: dict[str, list[float]] = {}
-    for r in json.loads(f.read_text())["results"]:
-        if r.get("test"):
-            by.setdefault(r["method"], []).append(100 * r["test"]["rank1"])
+    for seed in SEEDS.split(","):
+        for f in sorted((out / "runs" / tag(comp, lr)).glob(f"s{seed}-*.json")):
+            r = json.loads(f.read_text())
+            if r.get("test"):
+                by.setdefault(r["method"], []).append(100 * r["test"]["rank1"])
     return by
 
 
@@ -83,11 +83,14 @@ def main() -> None:
                              "tuning_rank1": statistics.fmean(v), "configurations": len(complete)}
     print("| method | bags × per bag | lr | rank-1 mean over seeds 97, 98 (per seed) |\n|---|---|---|---|")
     print("\n".join(rows))
+    space = len(comps) * len(lrs)
     for method, t in tuned.items():
         print(f"{method}: best {t['bags']}x{t['per_bag']} lr {t['lr']:g} ({t['tuning_rank1']:.1f}, "
-              f"{t['configurations']} configurations)")
+              f"{t['configurations']} of {space} configurations"
+              + ("" if t["configurations"] == space else "; not written: the search is incomplete") + ")")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tuned.json").write_text(json.dumps(tuned, indent=1))
+    (out / "tuned.json").write_text(json.dumps({m: t for m, t in tuned.items() if t["configurations"] == space},
+                                               indent=1))
 
 
 if __name__ == "__main__":
