@@ -100,7 +100,7 @@ def _checksum_ok(header: bytes) -> bool:
     less one is that sum exactly, computed in C: 0.8 µs a header instead of 3 µs with ``sum``."""
     field = header[148:156]
     try:
-        stored = int(field.strip(b"\0 ") or b"0", 8)
+        stored = _octal(field)
     except ValueError:
         return False
     if header.isascii():
